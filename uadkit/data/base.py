@@ -1,0 +1,235 @@
+"""What every dataset in the book has in common.
+
+A dataset is a ``torch.utils.data.Dataset`` whose items are dicts::
+
+    {"image": float32 3×H×W in [0, 1],   # grey images are repeated to 3 channels
+     "label": int,                       # 0 normal, 1 anomalous
+     "mask": float32 1×H×W in {0, 1},    # zeros where no mask exists
+     "category": str,
+     "path": str | None}
+
+Two concrete kinds exist: :class:`FileDataset` reads images from disk (MVTec AD,
+VisA, any MVTec-style folder, CIFAR) and :class:`ArrayDataset` holds images that
+were built in memory (``uadkit-mini``, digits).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+__all__ = [
+    "DatasetUnavailable",
+    "UnknownDataset",
+    "Record",
+    "FileDataset",
+    "ArrayDataset",
+    "data_root",
+    "cache_dir",
+    "load_image",
+    "load_mask",
+    "collate",
+    "loader",
+]
+
+
+class DatasetUnavailable(FileNotFoundError):
+    """A dataset's files are not on this machine. The message says how to get them."""
+
+
+class UnknownDataset(ValueError):
+    """An unknown dataset name or category. The message lists the valid ones."""
+
+
+def data_root(root: str | os.PathLike | None = None) -> Path:
+    """Where real datasets live: ``root`` if given, else ``$UADKIT_DATA``, else ``~/uadkit_data``."""
+    if root is not None:
+        return Path(root).expanduser()
+    return Path(os.environ.get("UADKIT_DATA", "~/uadkit_data")).expanduser()
+
+
+def cache_dir() -> Path:
+    """Where ``uadkit`` caches what it builds (``$UADKIT_CACHE``, default ``~/.cache/uadkit``)."""
+    path = Path(os.environ.get("UADKIT_CACHE", "~/.cache/uadkit")).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def missing_root_error(name: str, root: Path, script: str) -> DatasetUnavailable:
+    return DatasetUnavailable(
+        f"{name}: no dataset at {root}. Prepare it with\n"
+        f"    python data_scripts/{script} --root {root.parent}\n"
+        f"(or set UADKIT_DATA to the folder that holds '{root.name}/')."
+    )
+
+
+def _resize(img: Image.Image, size: int | None, resample) -> Image.Image:
+    if size is None or img.size == (size, size):
+        return img
+    return img.resize((size, size), resample)
+
+
+def load_image(path: str | os.PathLike, size: int | None = None) -> torch.Tensor:
+    """Read an image file as float32 3×H×W in [0, 1]; grey is repeated to 3 channels."""
+    try:
+        with Image.open(path) as im:
+            im = _resize(im.convert("RGB"), size, Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except (OSError, ValueError, SyntaxError) as e:
+        raise OSError(f"cannot read image file {path}: {e}") from e
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def load_mask(path: str | os.PathLike, size: int | None = None) -> torch.Tensor:
+    """Read a ground-truth mask file as float32 1×H×W in {0, 1} (any non-zero pixel is anomalous)."""
+    try:
+        with Image.open(path) as im:
+            im = _resize(im.convert("L"), size, Image.NEAREST)
+            arr = (np.asarray(im) > 0).astype(np.float32)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise OSError(f"cannot read mask file {path}: {e}") from e
+    return torch.from_numpy(arr)[None]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image on disk. ``mask`` is None for normal images and for sets without masks."""
+
+    image: str
+    label: int
+    category: str
+    mask: str | None = None
+
+
+class FileDataset(Dataset):
+    """Images read lazily from disk, resized to ``image_size`` × ``image_size``.
+
+    ``masks_expected``: anomalous images must have a mask file (MVTec AD, VisA); a
+    missing one is an error naming the image. One-vs-all sets pass False and get
+    all-zero masks.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        *,
+        image_size: int | None,
+        name: str,
+        masks_expected: bool,
+    ):
+        self.records = list(records)
+        self.image_size = image_size
+        self.name = name
+        self.masks_expected = masks_expected
+        self.has_masks = masks_expected
+        if masks_expected:
+            for r in self.records:
+                if r.label == 1 and r.mask is None:
+                    raise DatasetUnavailable(
+                        f"{name}: anomalous test image {r.image} has no ground-truth mask"
+                    )
+                if r.mask is not None and not Path(r.mask).is_file():
+                    raise DatasetUnavailable(
+                        f"{name}: mask file {r.mask} for {r.image} does not exist"
+                    )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([r.label for r in self.records], dtype=np.int64)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.records[i]
+        image = load_image(r.image, self.image_size)
+        if r.mask is not None:
+            mask = load_mask(r.mask, image.shape[-1] if self.image_size is None else self.image_size)
+            if mask.shape[-2:] != image.shape[-2:]:
+                raise ValueError(f"mask {r.mask} is {tuple(mask.shape[-2:])}, image {r.image} is {tuple(image.shape[-2:])}")
+        else:
+            mask = torch.zeros(1, *image.shape[-2:])
+        return {"image": image, "label": int(r.label), "mask": mask, "category": r.category, "path": r.image}
+
+    def __repr__(self) -> str:
+        n1 = int(self.labels.sum()) if self.records else 0
+        return f"{type(self).__name__}({self.name!r}, n={len(self)}, anomalous={n1}, image_size={self.image_size})"
+
+
+class ArrayDataset(Dataset):
+    """Images held in memory: ``images`` N×3×H×W in [0,1], ``labels`` N, ``masks`` N×1×H×W."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | np.ndarray,
+        masks: torch.Tensor | None,
+        *,
+        category: str | Sequence[str],
+        name: str,
+        has_masks: bool = True,
+    ):
+        images = torch.as_tensor(images, dtype=torch.float32)
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be N×3×H×W, got {tuple(images.shape)}")
+        self.images = images
+        self._labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+        if masks is None:
+            masks = torch.zeros(images.shape[0], 1, *images.shape[-2:])
+        self.masks = torch.as_tensor(masks, dtype=torch.float32)
+        n = len(images)
+        if len(self._labels) != n or len(self.masks) != n:
+            raise ValueError("images, labels and masks must have the same length")
+        self.categories = [category] * n if isinstance(category, str) else list(category)
+        self.name = name
+        self.has_masks = has_masks
+        self.image_size = images.shape[-1]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels.numpy().copy()
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "image": self.images[i],
+            "label": int(self._labels[i]),
+            "mask": self.masks[i],
+            "category": self.categories[i],
+            "path": None,
+        }
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.name!r}, n={len(self)}, "
+                f"anomalous={int(self._labels.sum())}, image_size={self.image_size})")
+
+
+def collate(items: list[dict]) -> dict:
+    """Batch a list of item dicts: tensors are stacked, ints become a tensor, the rest stay lists."""
+    out = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        if isinstance(values[0], torch.Tensor):
+            out[key] = torch.stack(values)
+        elif isinstance(values[0], int):
+            out[key] = torch.tensor(values)
+        else:
+            out[key] = values
+    return out
+
+
+def loader(dataset, *, batch_size: int = 32, shuffle: bool = False, seed: int = 0, num_workers: int = 0, drop_last=False):
+    """A DataLoader over item dicts, repeatable: shuffling draws from its own seeded generator."""
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, collate_fn=collate,
+                      num_workers=num_workers, drop_last=drop_last)

@@ -1,0 +1,44 @@
+"""The methods of the book, one file each, all behind one interface.
+
+>>> import uadkit.models
+>>> uadkit.models.available()
+['knn']
+>>> det = uadkit.models.create("knn", profile="smoke")
+>>> scores, maps = det.fit(train).predict(test)
+
+A method is listed here once its chapter has landed.
+"""
+from __future__ import annotations
+
+from ..profiles import get as get_profile
+from .base import Detector
+
+__all__ = ["Detector", "create", "available"]
+
+
+def _knn(profile, overrides):
+    from .knn import KNNConfig, KNNDetector
+
+    return KNNConfig.for_profile(profile.name, **overrides), KNNDetector
+
+
+_FACTORIES = {"knn": _knn}
+
+
+def available() -> list[str]:
+    """Names accepted by :func:`create`."""
+    return sorted(_FACTORIES)
+
+
+def create(name: str, profile: str = "smoke", *, device: str | None = None, batch_size: int | None = None,
+           seed: int | None = None, progress: bool = True, pretrained: bool = True, **overrides) -> Detector:
+    """A ready-to-fit detector of method ``name`` with the settings of ``profile``.
+
+    ``overrides`` replace fields of the method's config dataclass (e.g. ``k=3``).
+    """
+    if name not in _FACTORIES:
+        raise KeyError(f"unknown method {name!r}; available: {', '.join(available())}")
+    p = get_profile(profile)
+    config, cls = _FACTORIES[name](p, overrides)
+    return cls(config, pretrained=pretrained, device=device or p.device, batch_size=batch_size or p.batch_size,
+               seed=p.seed if seed is None else seed, progress=progress)

@@ -1,0 +1,111 @@
+"""The two ways every chapter runs: ``smoke`` and ``paper``.
+
+A chapter's first code cell is tagged ``parameters`` and holds
+``profile = "smoke"``; papermill (or a reader) changes that one string and
+nothing else::
+
+    papermill book/adtr.ipynb out.ipynb -p profile paper
+
+``smoke``  the embedded ``uadkit-mini`` data, small images, ``efficientnet_lite0``
+           standing in for every frozen pretrained network, few epochs, CPU; a
+           chapter runs in one to three minutes.
+``paper``  real datasets under ``$UADKIT_DATA`` in their published layouts, the
+           paper's backbone, image size and schedule, on a GPU when there is one.
+
+The profile holds what all chapters share; a chapter keeps its own method
+settings in a dataclass with one constructor per profile.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .data.folders import MVTEC_CATEGORIES
+from .data.mini import MEDICAL, MINI_CATEGORIES, TEXTURES
+
+__all__ = ["Profile", "get", "pick_device", "PROFILES"]
+
+
+def pick_device(preferred: str | None = None) -> str:
+    """``preferred`` if given, else the best device here: cuda > mps > cpu."""
+    import torch
+
+    if preferred:
+        return preferred
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Settings shared by every chapter under one profile."""
+
+    name: str
+    image_size: int  # square input size in pixels
+    backbone: str  # the frozen CNN that stands in where a paper names none of its own
+    categories: tuple[str, ...]  # dataset names for per-category tables (get_dataset names)
+    textures: tuple[str, ...]  # the texture subset of ``categories``
+    one_vs_all: tuple[str, ...]  # semantic one-vs-all datasets (CIFAR-10 protocol)
+    batch_size: int
+    num_workers: int
+    device: str = ""
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.device:
+            object.__setattr__(self, "device", pick_device())
+
+    @property
+    def is_smoke(self) -> bool:
+        return self.name == "smoke"
+
+
+PROFILES = {
+    "smoke": Profile(
+        name="smoke",
+        image_size=64,
+        backbone="efficientnet_lite0",
+        categories=tuple(f"mini/{c}" for c in MINI_CATEGORIES),
+        textures=tuple(f"mini/{c}" for c in TEXTURES),
+        one_vs_all=tuple(f"digits/{k}" for k in range(10)),
+        batch_size=32,
+        num_workers=0,
+        device="cpu",
+    ),
+    "paper": Profile(
+        name="paper",
+        image_size=256,
+        backbone="efficientnet_b4",
+        categories=tuple(f"mvtec/{c}" for c in MVTEC_CATEGORIES),
+        textures=tuple(f"mvtec/{c}" for c in ("carpet", "grid", "leather", "tile", "wood")),
+        one_vs_all=tuple(f"cifar10/{k}" for k in range(10)),
+        batch_size=8,
+        num_workers=4,
+    ),
+}
+
+MEDICAL_SMOKE = tuple(f"mini/{c}" for c in MEDICAL)
+
+
+def get(profile: str = "smoke", **overrides) -> Profile:
+    """The settings of ``profile`` ("smoke" or "paper"), with any field overridden.
+
+    >>> get("smoke").image_size
+    64
+    >>> get("paper", device="cpu").device
+    'cpu'
+    """
+    if isinstance(profile, Profile):
+        return dataclasses.replace(profile, **overrides) if overrides else profile
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    p = PROFILES[profile]
+    if overrides:
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(Profile)}
+        if unknown:
+            raise TypeError(f"unknown profile settings {sorted(unknown)}")
+        p = dataclasses.replace(p, **overrides)
+    return p
