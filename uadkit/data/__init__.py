@@ -8,6 +8,7 @@ Names
 -----
 ``mini/<category>``    the embedded ``uadkit-mini`` benchmark (built in memory, cached)
 ``digits/<k>``         one-vs-all on scikit-learn's 8×8 digits, upsampled
+``fashion/<k>``        one-vs-all on Fashion-MNIST (Debian package or torchvision layout)
 ``mvtec/<category>``   MVTec AD folder layout
 ``visa/<category>``    VisA with its split CSV
 ``folder/<path>``      any MVTec-style tree (BMAD, Uni-Medical, converted sets)
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 SPLITS = ("train", "test")
-_KINDS = ("mini", "digits", "mvtec", "visa", "folder", "cifar10", "cifar100")
+_KINDS = ("mini", "digits", "fashion", "mvtec", "visa", "folder", "cifar10", "cifar100")
 
 
 def available() -> dict[str, list[str]]:
@@ -58,6 +59,7 @@ def available() -> dict[str, list[str]]:
     return {
         "mini": list(mini.MINI_CATEGORIES),
         "digits": [str(k) for k in range(10)],
+        "fashion": [str(k) for k in range(10)],
         "mvtec": list(folders.MVTEC_CATEGORIES),
         "visa": list(folders.VISA_CATEGORIES),
         "folder": ["<path to an MVTec-style tree>"],
@@ -101,6 +103,10 @@ def get_dataset(name: str, split: str, *, root=None, image_size: int | None = No
 
         loader = getattr(folders, kind)
         return loader(cat, split, root=root, image_size=image_size or 256, **kw)
+    if kind == "fashion":
+        from . import fashion
+
+        return fashion.fashion(_class_index(kind, cat, 10), split, root=root, image_size=image_size or 32, **kw)
     if kind in ("cifar10", "cifar100"):
         from . import oneclass
 

@@ -233,3 +233,29 @@ def loader(dataset, *, batch_size: int = 32, shuffle: bool = False, seed: int = 
     g = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, collate_fn=collate,
                       num_workers=num_workers, drop_last=drop_last)
+
+
+def one_vs_all(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], k: int, split: str, *,
+               image_size: int, name: str, seed: int = 0) -> ArrayDataset:
+    """The one-vs-all protocol of the CIFAR-10 anomaly-detection literature (e.g. ADTR, Kwon et al.).
+
+    ``train``/``test`` are (images N×C×h×w uint8, class labels N). Normal = class ``k``.
+    Train: the training images of class ``k``. Test: the test images of class ``k``
+    (label 0) and as many test images drawn, with ``seed``, from the other classes
+    (label 1). Images are resized to ``image_size`` and grey is repeated to 3 channels.
+    """
+    if split == "train":
+        x, y = train[0][train[1] == k], np.zeros(int((train[1] == k).sum()), np.int64)
+    else:
+        xs, ys = test
+        normal, others = np.flatnonzero(ys == k), np.flatnonzero(ys != k)
+        pick = np.sort(np.random.default_rng([seed, k]).choice(others, size=len(normal), replace=False))
+        x = np.concatenate([xs[normal], xs[pick]])
+        y = np.r_[np.zeros(len(normal)), np.ones(len(pick))].astype(np.int64)
+    t = torch.from_numpy(np.ascontiguousarray(x)).float() / 255.0
+    if t.shape[-1] != image_size or t.shape[-2] != image_size:
+        t = torch.nn.functional.interpolate(t, size=(image_size, image_size), mode="bilinear",
+                                            antialias=True, align_corners=False).clamp(0, 1)
+    if t.shape[1] == 1:
+        t = t.expand(-1, 3, -1, -1).contiguous()
+    return ArrayDataset(t, y, None, category=name, name=name, has_masks=False)

@@ -14,6 +14,9 @@ category          source (``skimage.data``)   how images are made
 ``histology``     ``immunohistochemistry()``  random 128² crops, left/right split
 ``phantom``       ``shepp_logan_phantom()``   whole slice, random affine + elastic
                                               jitter, gamma, contrast and noise
+``brain``         MNI152 T1 template          axial slices 60–120 (nilearn's copy),
+                  (nilearn, read by nibabel)  even slices train / odd slices test,
+                                              the same jitter as ``phantom``
 ================  ==========================  ===================================
 
 Train images come from one region of the source picture (left 55 %, or top half
@@ -38,12 +41,12 @@ import torch
 import torch.nn.functional as F
 
 from . import defects as D
-from .base import ArrayDataset, UnknownDataset
+from .base import ArrayDataset, DatasetUnavailable, UnknownDataset, one_vs_all
 
 __all__ = ["MINI_CATEGORIES", "TEXTURES", "MEDICAL", "mini", "digits", "source_image"]
 
 TEXTURES = ("brick", "grass", "gravel")
-MEDICAL = ("retina", "histology", "phantom")
+MEDICAL = ("retina", "histology", "phantom", "brain")
 MINI_CATEGORIES = TEXTURES + MEDICAL
 
 _CROP = {"brick": 128, "grass": 128, "gravel": 128, "histology": 128, "retina": 256}
@@ -103,10 +106,36 @@ def _crops(category: str, split: str, n: int, size: int, rng: np.random.Generato
     return _resize(out, size)
 
 
-def _phantoms(n: int, size: int, rng: np.random.Generator) -> torch.Tensor:
-    """Shepp-Logan slices with anatomy-like variation: affine + smooth elastic jitter, gamma, contrast, noise."""
-    base = source_image("phantom")[:1][None]  # 1×1×400×400
-    base = _resize(base.expand(1, 3, -1, -1), 2 * size)[:, :1]
+def brain_slices(split: str) -> torch.Tensor:
+    """Axial slices of the MNI152 T1 template (shipped in nilearn), K×1×H×W in [0, 1].
+
+    Slices 60–120 (the cerebrum, with ventricles); even slices for training, odd ones
+    for testing, so no test slice was seen in training.
+    """
+    import importlib.util
+
+    import nibabel
+
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or spec.origin is None:
+        raise DatasetUnavailable("mini/brain needs the MNI152 template shipped in nilearn: pip install nilearn")
+    from pathlib import Path
+
+    path = Path(spec.origin).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    volume = np.asarray(nibabel.load(path).get_fdata(), dtype=np.float32)  # 197×233×189, x·y·z
+    z = np.arange(60, 121, 2) if split == "train" else np.arange(61, 121, 2)
+    slices = np.rot90(volume[:, :, z], k=1, axes=(0, 1)).transpose(2, 0, 1)  # K×233×197, nose up
+    side = max(slices.shape[1:])
+    pad_y, pad_x = side - slices.shape[1], side - slices.shape[2]
+    slices = np.pad(slices, ((0, 0), (pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2)))
+    return torch.from_numpy(slices / slices.max())[:, None].float()
+
+
+def _jittered(base: torch.Tensor, n: int, size: int, rng: np.random.Generator) -> torch.Tensor:
+    """``n`` variations of slices ``base`` (K×1×H×W): a random slice each, then affine + smooth
+    elastic jitter, gamma, contrast and noise: anatomy-like variation that keeps the anatomy."""
+    base = _resize(base.expand(-1, 3, -1, -1), 2 * size)[:, :1]
+    base = base[torch.from_numpy(rng.integers(len(base), size=n))]
     angle = rng.uniform(-0.15, 0.15, n)
     scale = rng.uniform(0.92, 1.08, (n, 2))
     shift = rng.uniform(-0.05, 0.05, (n, 2))
@@ -117,7 +146,7 @@ def _phantoms(n: int, size: int, rng: np.random.Generator) -> torch.Tensor:
     grid = F.affine_grid(torch.from_numpy(theta), (n, 1, size, size), align_corners=False)
     coarse = torch.from_numpy(rng.normal(0, 0.025, (n, 2, 5, 5)).astype(np.float32))
     grid = grid + F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
-    img = F.grid_sample(base.expand(n, -1, -1, -1), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    img = F.grid_sample(base, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     gamma = torch.from_numpy(rng.uniform(0.8, 1.25, (n, 1, 1, 1)).astype(np.float32))
     contrast = torch.from_numpy(rng.uniform(0.85, 1.1, (n, 1, 1, 1)).astype(np.float32))
     noise = torch.from_numpy(rng.normal(0, 0.02, (n, 1, size, size)).astype(np.float32))
@@ -127,7 +156,9 @@ def _phantoms(n: int, size: int, rng: np.random.Generator) -> torch.Tensor:
 
 def _normal_images(category: str, split: str, n: int, size: int, rng: np.random.Generator) -> torch.Tensor:
     if category == "phantom":
-        return _phantoms(n, size, rng)
+        return _jittered(source_image("phantom")[:1][None], n, size, rng)
+    if category == "brain":
+        return _jittered(brain_slices(split), n, size, rng)
     return _crops(category, split, n, size, rng)
 
 
@@ -149,7 +180,7 @@ def _build(category: str, image_size: int, n_train: int, n_test: int, n_anomalou
     for i, kind in enumerate(kinds):
         j = n_test + i
         region = None
-        if category == "phantom":  # lesions sit inside the head
+        if category in ("phantom", "brain"):  # lesions sit inside the head
             region = (test[j, 0] > 0.15).numpy()
         source = _foreign_source(category, image_size, rng_defect) if kind == "foreign_patch" else None
         test[j], masks[j] = D.apply_defect(kind, test[j], rng_defect, region=region, source=source)
@@ -181,27 +212,16 @@ def _digits_split(seed: int):
 
     x, y = load_digits(return_X_y=True)
     order = np.random.default_rng(seed).permutation(len(y))
-    x, y = x[order].reshape(-1, 1, 8, 8) / 16.0, y[order]
-    cut = 2 * len(y) // 3
+    x = np.round(x[order].reshape(-1, 1, 8, 8) * 255 / 16).astype(np.uint8)
+    y, cut = y[order], 2 * len(y) // 3
     return (x[:cut], y[:cut]), (x[cut:], y[cut:])
 
 
 def digits(k: int, split: str, *, image_size: int = 64, seed: int = 0) -> ArrayDataset:
     """One-vs-all on scikit-learn's digits (the CIFAR-10 protocol, in miniature).
 
-    Train: the class-``k`` images of a fixed 2/3 split. Test: the class-``k``
-    images of the other third (label 0) and as many images drawn from the other
-    classes (label 1). No masks.
+    A fixed 2/3 : 1/3 split of the 1,797 images; train on class ``k``, test on the
+    class-``k`` images of the other third plus as many from the other classes. No masks.
     """
-    (xtr, ytr), (xte, yte) = _digits_split(seed)
-    if split == "train":
-        x, labels = xtr[ytr == k], np.zeros(int((ytr == k).sum()), np.int64)
-    else:
-        normal, others = xte[yte == k], np.flatnonzero(yte != k)
-        pick = np.random.default_rng([seed, k]).choice(others, size=len(normal), replace=False)
-        x = np.concatenate([normal, xte[np.sort(pick)]])
-        labels = np.r_[np.zeros(len(normal)), np.ones(len(normal))].astype(np.int64)
-    t = torch.from_numpy(x.astype(np.float32))
-    t = F.interpolate(t, size=(image_size, image_size), mode="bilinear", align_corners=False).clamp(0, 1)
-    name = f"digits/{k}"
-    return ArrayDataset(t.expand(-1, 3, -1, -1).contiguous(), labels, None, category=name, name=name, has_masks=False)
+    train, test = _digits_split(seed)
+    return one_vs_all(train, test, k, split, image_size=image_size, name=f"digits/{k}", seed=seed)

@@ -11,7 +11,7 @@ live here, once.
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: readable in terminals, notebooks, Colab and the rendered book
 
 from ..data.base import loader
 

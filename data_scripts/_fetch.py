@@ -1,0 +1,133 @@
+"""Download, verify and unpack a dataset archive, safely.
+
+* ``download``: streams to a temporary file beside the target, checks its sha256 (or the
+  md5 where that is all the publisher gives),
+  then renames it into place; a mismatch or a broken transfer leaves nothing behind.
+  One attempt with a timeout: offline it fails at once, it never loops on retries.
+* ``unpack``: extracts into a temporary sibling folder, then renames it into place and
+  writes a ``.uadkit-complete`` marker; a failure leaves no half-written tree, and a
+  completed tree is skipped on the next run. Archive members escaping the target are refused.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+import zipfile
+from pathlib import Path
+
+MARKER = ".uadkit-complete"
+
+
+class FetchError(RuntimeError):
+    pass
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("UADKIT_DATA", "~/uadkit_data")).expanduser()
+
+
+def digest_of(path: Path, algorithm: str = "sha256") -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _parse(checksum: str | None) -> tuple[str, str | None]:
+    """"sha256:<hex>" or "md5:<hex>" (what the publisher gives) → (algorithm, hex)."""
+    if checksum is None:
+        return "sha256", None
+    algorithm, _, value = checksum.partition(":")
+    if algorithm not in ("sha256", "md5") or not value:
+        raise ValueError(f"checksum must look like 'sha256:<hex>' or 'md5:<hex>', got {checksum!r}")
+    return algorithm, value.lower()
+
+
+def download(url: str, dest: Path, *, checksum: str | None, timeout: float = 30) -> Path:
+    """Fetch ``url`` to ``dest`` and verify ``checksum`` (skipped if ``dest`` already verifies)."""
+    dest = Path(dest)
+    algorithm, expected = _parse(checksum)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.is_file() and expected is not None and digest_of(dest, algorithm) == expected:
+        return dest
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    tmp = Path(tmp)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            shutil.copyfileobj(resp, out, 1 << 20)
+        got = digest_of(tmp, algorithm)
+        if expected is None:
+            print(f"warning: no checksum known for {url}; downloaded file has sha256 {got}")
+        elif got != expected:
+            raise FetchError(f"{algorithm} mismatch for {url}: expected {expected}, got {got}")
+        os.replace(tmp, dest)
+    except OSError as e:
+        raise FetchError(f"could not download {url}: {e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _safe_members(names, target: Path):
+    root = target.resolve()
+    for name in names:
+        resolved = (root / name).resolve()
+        if resolved != root and root not in resolved.parents:
+            raise FetchError(f"archive member {name!r} would be written outside {target}")
+
+
+def unpack(archive: Path, target: Path) -> Path:
+    """Extract ``archive`` (tar, tar.gz, tar.xz, zip) so that its contents end up in ``target``."""
+    target = Path(target)
+    if (target / MARKER).is_file():
+        print(f"{target} is complete; skipping (delete it or pass --force to redo)")
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".", suffix=".unpacking"))
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z:
+                _safe_members(z.namelist(), work)
+                z.extractall(work)
+        else:
+            try:
+                with tarfile.open(archive) as t:
+                    _safe_members(t.getnames(), work)
+                    if any(m.issym() or m.islnk() for m in t.getmembers()):
+                        raise FetchError(f"{archive} contains links; refusing to unpack it")
+                    t.extractall(work)
+            except tarfile.TarError as e:
+                raise FetchError(f"{archive} is not a readable archive: {e}") from e
+        (work / MARKER).write_text(str(archive.name))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(work, target)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def fetch(url: str, checksum: str | None, target: Path, *, force: bool = False, timeout: float = 30) -> Path:
+    """Download to ``<target>.download/`` and unpack into ``target``."""
+    target = Path(target)
+    if force and target.exists():
+        shutil.rmtree(target)
+    if (target / MARKER).is_file():
+        print(f"{target} is complete; nothing to do")
+        return target
+    archive = download(url, target.parent / "downloads" / url.rsplit("/", 1)[-1], checksum=checksum, timeout=timeout)
+    return unpack(archive, target)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--root", type=Path, default=default_root(), help="datasets folder (default: $UADKIT_DATA or ~/uadkit_data)")
+    p.add_argument("--force", action="store_true", help="download and unpack again even if complete")
+    return p

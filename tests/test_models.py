@@ -1,0 +1,83 @@
+"""The one detector interface, exercised with the kNN baseline."""
+import numpy as np
+import pytest
+import torch
+
+import uadkit.models
+from uadkit import metrics
+from uadkit.data import ArrayDataset, get_dataset
+from uadkit.models.knn import KNNConfig, anomaly_map, image_score
+
+
+def _small(name, split, size=32, **kw):
+    return get_dataset(name, split, image_size=size, **kw)
+
+
+def test_available_and_unknown():
+    assert "knn" in uadkit.models.available()
+    with pytest.raises(KeyError, match="available"):
+        uadkit.models.create("nope")
+
+
+def test_knn_fit_predict_on_mini_finds_anomalies():
+    kw = dict(n_train=40, n_test=20, n_anomalous=20)
+    det = uadkit.models.create("knn", progress=False)
+    det.fit(_small("mini/brick", "train", **kw))
+    test = _small("mini/brick", "test", **kw)
+    scores, maps = det.predict(test)
+    assert scores.shape == (40,) and maps.shape == (40, 1, 32, 32)
+    assert metrics.image_auroc(scores, test.labels) > 0.8
+    assert metrics.pixel_auroc(maps, test.masks) > 0.8
+
+
+def test_knn_on_fashion_one_vs_all():
+    pytest.importorskip("uadkit.data.fashion")
+    from uadkit.data import fashion
+
+    if not fashion.DEBIAN_DIR.is_dir():
+        pytest.skip("dataset-fashion-mnist not installed")
+    train = _small("fashion/1", "train")
+    train = torch.utils.data.Subset(train, range(100))
+    test = _small("fashion/1", "test")
+    test = ArrayDataset(test.images[::20], test.labels[::20], None, category="fashion/1", name="fashion/1", has_masks=False)
+    det = uadkit.models.create("knn", progress=False).fit(train)
+    scores, maps = det.predict(test)
+    assert metrics.image_auroc(scores, test.labels) > 0.7  # trousers vs everything else
+
+
+def test_bad_input_is_reported():
+    det = uadkit.models.create("knn", progress=False)
+    with pytest.raises(RuntimeError, match="fit"):
+        det.predict(_small("mini/brick", "test", n_train=4, n_test=2, n_anomalous=2))
+    with pytest.raises(ValueError, match="empty"):
+        det.fit(torch.utils.data.Subset(_small("mini/brick", "train", n_train=4), []))
+    det.fit(_small("mini/brick", "train", n_train=4))
+    with pytest.raises(ValueError, match="image_size"):
+        det.predict(get_dataset("mini/brick", "test", image_size=48, n_train=4, n_test=2, n_anomalous=2))
+
+
+def test_overrides_and_profiles():
+    det = uadkit.models.create("knn", layers=(2,), max_bank=123, progress=False)
+    assert det.config.layers == (2,) and det.config.max_bank == 123
+    assert KNNConfig.for_profile("paper").backbone == "wide_resnet50_2"
+    with pytest.raises(TypeError):
+        uadkit.models.create("knn", not_a_field=1)
+
+
+def test_anomaly_map_and_score_by_hand():
+    d = torch.zeros(1, 1, 2, 2)
+    d[0, 0, 1, 1] = 4.0
+    m = anomaly_map(d, (4, 4), sigma=0)
+    assert m.shape == (1, 1, 4, 4) and m[0, 0, 3, 3] == 4.0 and m[0, 0, 0, 0] == 0.0
+    assert image_score(m).tolist() == [4.0]
+
+
+def test_memory_bank_distance_is_exact():
+    """A test image equal to a training image is at distance ≈ 0 everywhere (cdist's matmul form
+    leaves rounding of about 1e-3 of the feature norm)."""
+    train = _small("mini/retina", "train", n_train=3)
+    det = uadkit.models.create("knn", progress=False).fit(train)
+    x = train[1]["image"][None]
+    d = det.model(x)
+    norm = det.model.embed(x).norm(dim=1).mean()
+    assert d.max() < 2e-3 * norm

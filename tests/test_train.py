@@ -1,0 +1,68 @@
+"""The training loop: the loss falls, a resumed run equals an uninterrupted one, checkpoints load weights-only."""
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from uadkit import train
+
+
+def _setup(seed=0):
+    train.seed_everything(seed)
+    x = torch.randn(64, 4)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.1), torch.nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    return model, opt, loader
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return torch.nn.functional.mse_loss(model(x).squeeze(1), y)
+
+
+def test_loss_decreases():
+    model, opt, loader = _setup()
+    history = train.fit(model, loss_fn, loader, epochs=15, optimizer=opt, progress=False)
+    assert len(history) == 15 and history[-1] < 0.2 * history[0]
+    assert not model.training
+
+
+def test_resume_gives_identical_weights(tmp_path):
+    model, opt, loader = _setup()
+    straight = train.fit(model, loss_fn, loader, epochs=3, optimizer=opt, progress=False)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+
+    ckpt = tmp_path / "run.pt"
+    model, opt, loader = _setup()
+    train.fit(model, loss_fn, loader, epochs=1, optimizer=opt, checkpoint=ckpt, progress=False)  # "interrupted"
+    model, opt, loader = _setup()  # a fresh process: same data, fresh weights,
+    torch.manual_seed(123)  # and another global RNG state, which the checkpoint must restore
+    loader.generator.manual_seed(321)
+    resumed = train.fit(model, loss_fn, loader, epochs=3, optimizer=opt, checkpoint=ckpt, progress=False)
+    assert resumed == straight
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == 3 and not ckpt.with_suffix(".pt.tmp").exists()
+
+
+def test_non_finite_loss_is_reported():
+    model, opt, loader = _setup()
+    try:
+        train.fit(model, lambda m, b: torch.tensor(float("nan"), requires_grad=True), loader, epochs=1,
+                  optimizer=opt, progress=False)
+    except FloatingPointError as e:
+        assert "nan" in str(e)
+    else:
+        raise AssertionError("a NaN loss must stop training")
+
+
+def test_predict_concatenates_tuples():
+    loader = DataLoader(TensorDataset(torch.arange(10.0)), batch_size=3)
+    a, b = train.predict(lambda batch: (batch[0] * 2, batch[0][:, None]), loader)
+    assert torch.equal(a, torch.arange(10.0) * 2) and b.shape == (10, 1)
+
+
+def test_pick_device_is_cpu_here_or_named():
+    assert train.pick_device("cpu") == "cpu"
+    assert train.pick_device() in ("cpu", "cuda", "mps")

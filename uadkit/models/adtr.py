@@ -1,0 +1,299 @@
+"""ADTR: Anomaly Detection Transformer with feature reconstruction (You et al., 2022).
+
+A frozen CNN turns an image into multi-scale features ``f``; a transformer
+reconstructs them from a *learned auxiliary query* rather than from ``f``
+itself, so it cannot simply copy anomalous features through; the
+reconstruction error is the anomaly map.
+
+    torch_model  : ADTRModel             f (B×C×h×w) → f̂ (B×C×h×w)
+    anomaly_map  : anomaly_map           Eq. (2)–(3): s(u) = ||f(:,u) − f̂(:,u)||₂, upsampled
+    image score  : image_score           max of the average-pooled map
+    loss         : feature_mse           Eq. (1), normal images only
+                   pseudo_huber          Eq. (6)
+                   push_pull_loss        Eq. (7), ADTR+ with pixel labels
+                   topk_image_loss       Eq. (8)–(9), ADTR+ with image labels
+
+The ablations of the paper's Table 4 are switches of the same module:
+``reconstructor="cnn"`` (a CNN instead of the transformer), ``attention=False``
+(attention replaced by concatenation + projection), ``aux_query=False`` (the
+decoder's input is the encoder output), ``target="pixels"`` (reconstruct pixel
+patches instead of features), and ``layers`` (last layer vs multi-scale).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "ADTRConfig", "MultiScaleFeatures", "PixelPatches", "ADTRModel",
+    "feature_difference", "anomaly_map", "image_score",
+    "feature_mse", "pseudo_huber", "push_pull_loss", "topk_image_loss",
+]
+
+
+# --------------------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class ADTRConfig:
+    """ADTR's settings; ``ADTRConfig.for_profile("paper")`` gives the paper's."""
+
+    backbone: str = "efficientnet_b4"
+    layers: tuple[int, ...] = (0, 1, 2, 3, 4)  # layer1–layer5 of EfficientNet-B4: 24+32+56+160+448 = 720 channels
+    feature_stride: int = 16  # the feature grid is image_size / feature_stride (256 px → 16×16)
+    dim: int = 256  # transformer width after the 1×1 reduction
+    heads: int = 8
+    ffn: int = 1024
+    encoder_layers: int = 4
+    decoder_layers: int = 4
+    reconstructor: str = "transformer"  # or "cnn" (Table 4a baseline)
+    attention: bool = True  # False: concatenation + projection instead of attention (Table 4a)
+    aux_query: bool = True  # False: the encoder output is the decoder input (Table 4a)
+    target: str = "features"  # or "pixels" (Table 4b)
+    score_pool: int = 3  # average-pooling window (feature cells... in input pixels × stride) for the image score
+    epochs: int = 500
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    lr_drop_epoch: int = 400  # lr × 0.1 from this epoch on
+    batch_size: int = 16
+
+    @classmethod
+    def for_profile(cls, profile: str = "smoke", **overrides) -> "ADTRConfig":
+        from ..profiles import get
+
+        if get(profile).is_smoke:
+            base = cls(backbone="efficientnet_lite0", layers=(0, 1, 2, 3), feature_stride=8, dim=128, heads=4,
+                       ffn=256, encoder_layers=2, decoder_layers=2, epochs=40, lr=5e-4, lr_drop_epoch=32,
+                       batch_size=32)
+        else:
+            base = cls()
+        return dataclasses.replace(base, **overrides)
+
+
+# --------------------------------------------------------------------------- embedding
+
+class MultiScaleFeatures(nn.Module):
+    """Frozen backbone stages resized to one grid and concatenated: images B×3×H×W → f B×C×h×w."""
+
+    def __init__(self, *, backbone: nn.Module, layers: tuple[int, ...], stride: int):
+        super().__init__()
+        self.backbone, self.layers, self.stride = backbone, tuple(layers), stride
+        self.channels = sum(backbone.channels[i] for i in self.layers)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = (x.shape[-2] // self.stride, x.shape[-1] // self.stride)
+        feats = self.backbone(x)
+        return torch.cat([F.interpolate(feats[i], size=size, mode="bilinear", align_corners=False)
+                          for i in self.layers], dim=1)
+
+
+class PixelPatches(nn.Module):
+    """Table 4b: reconstruct raw pixels. Each ``stride×stride`` RGB patch becomes one token: B×(3·s²)×h×w."""
+
+    def __init__(self, *, stride: int):
+        super().__init__()
+        self.stride, self.channels = stride, 3 * stride * stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pixel_unshuffle(x, self.stride)
+
+
+# --------------------------------------------------------------------------- transformer
+
+class TokenMix(nn.Module):
+    """Multi-head attention, or (``attention=False``, Table 4a "w/o Attn") a per-token
+    concatenation of query and value followed by a linear projection: no token sees another."""
+
+    def __init__(self, *, dim: int, heads: int, attention: bool):
+        super().__init__()
+        self.attention = attention
+        self.op = nn.MultiheadAttention(dim, heads, batch_first=True) if attention else nn.Linear(2 * dim, dim)
+
+    def forward(self, q, k, v):  # q: B×Nq×D, k, v: B×Nk×D
+        if self.attention:
+            return self.op(q, k, v, need_weights=False)[0]
+        return self.op(torch.cat([q, v], dim=-1))
+
+
+class FeedForward(nn.Sequential):
+    """FC(D→ffn) – ReLU – FC(ffn→D), the paper's appendix table."""
+
+    def __init__(self, *, dim: int, hidden: int):
+        super().__init__(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention + FFN, each with a shortcut and post-LayerNorm; position added to q and k in every layer."""
+
+    def __init__(self, *, dim, heads, ffn, attention):
+        super().__init__()
+        self.mix, self.norm1 = TokenMix(dim=dim, heads=heads, attention=attention), nn.LayerNorm(dim)
+        self.ffn, self.norm2 = FeedForward(dim=dim, hidden=ffn), nn.LayerNorm(dim)
+
+    def forward(self, x, pos):  # x, pos: B×N×D
+        qk = x + pos
+        x = self.norm1(x + self.mix(qk, qk, x))
+        return self.norm2(x + self.ffn(x))
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention over the queries, cross-attention into the encoder output, FFN; position everywhere."""
+
+    def __init__(self, *, dim, heads, ffn, attention):
+        super().__init__()
+        self.self_mix, self.norm1 = TokenMix(dim=dim, heads=heads, attention=attention), nn.LayerNorm(dim)
+        self.cross_mix, self.norm2 = TokenMix(dim=dim, heads=heads, attention=attention), nn.LayerNorm(dim)
+        self.ffn, self.norm3 = FeedForward(dim=dim, hidden=ffn), nn.LayerNorm(dim)
+
+    def forward(self, t, memory, pos):  # t: B×N×D decoder tokens, memory: B×N×D encoder output
+        q = t + pos
+        t = self.norm1(t + self.self_mix(q, q, t))
+        t = self.norm2(t + self.cross_mix(t + pos, memory + pos, memory))
+        return self.norm3(t + self.ffn(t))
+
+
+class TransformerReconstructor(nn.Module):
+    """Tokens B×N×D → reconstructed tokens B×N×D.
+
+    With ``aux_query`` the decoder starts from a learned query embedding q ∈ R^{N×D}
+    (Eq. (5)): to reconstruct f it must attend to f, and q only learns normal patterns.
+    Without it the decoder starts from the encoder output, which carries f straight through.
+    """
+
+    def __init__(self, *, tokens: int, dim: int, heads: int, ffn: int, encoder_layers: int, decoder_layers: int,
+                 attention: bool, aux_query: bool):
+        super().__init__()
+        kw = dict(dim=dim, heads=heads, ffn=ffn, attention=attention)
+        self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)  # learned position embedding
+        self.query = nn.Parameter(torch.randn(1, tokens, dim) * 0.02) if aux_query else None
+        self.encoder = nn.ModuleList(EncoderLayer(**kw) for _ in range(encoder_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(**kw) for _ in range(decoder_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = self.pos.expand(x.shape[0], -1, -1)
+        memory = x
+        for layer in self.encoder:
+            memory = layer(memory, pos)
+        t = self.query.expand(x.shape[0], -1, -1) if self.query is not None else memory
+        for layer in self.decoder:
+            t = layer(t, memory, pos)
+        return t
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.BatchNorm2d(dim), nn.ReLU(),
+                                  nn.Conv2d(dim, dim, 3, padding=1), nn.BatchNorm2d(dim))
+
+    def forward(self, x):
+        return F.relu(x + self.body(x))
+
+
+class CNNReconstructor(nn.Module):
+    """Table 4a baseline: ResNet-style residual 3×3 blocks on the reduced feature map."""
+
+    def __init__(self, *, dim: int, blocks: int):
+        super().__init__()
+        self.blocks = nn.Sequential(*(ResidualBlock(dim) for _ in range(blocks)))
+
+    def forward(self, x):  # B×D×h×w
+        return self.blocks(x)
+
+
+class ADTRModel(nn.Module):
+    """Embedding → 1×1 conv (C→D) → reconstructor → 1×1 conv (D→C).
+
+    ``forward(images)`` returns ``(f, f_hat)``, both B×C×h×w: the target and its reconstruction.
+    """
+
+    def __init__(self, *, embed: nn.Module, grid: tuple[int, int], config: ADTRConfig):
+        super().__init__()
+        c, d = embed.channels, config.dim
+        self.embed, self.grid = embed, grid
+        self.reduce, self.expand = nn.Conv2d(c, d, 1), nn.Conv2d(d, c, 1)
+        if config.reconstructor == "transformer":
+            self.reconstructor = TransformerReconstructor(
+                tokens=grid[0] * grid[1], dim=d, heads=config.heads, ffn=config.ffn,
+                encoder_layers=config.encoder_layers, decoder_layers=config.decoder_layers,
+                attention=config.attention, aux_query=config.aux_query)
+        elif config.reconstructor == "cnn":
+            self.reconstructor = CNNReconstructor(dim=d, blocks=config.encoder_layers + config.decoder_layers)
+        else:
+            raise ValueError(f"reconstructor must be 'transformer' or 'cnn', got {config.reconstructor!r}")
+
+    def reconstruct(self, f: torch.Tensor) -> torch.Tensor:
+        """f B×C×h×w → f̂ B×C×h×w."""
+        if tuple(f.shape[-2:]) != tuple(self.grid):
+            raise ValueError(f"feature grid {tuple(f.shape[-2:])} differs from the model's {self.grid}: "
+                             "train and test with the same image size")
+        z = self.reduce(f)  # B×D×h×w
+        if isinstance(self.reconstructor, TransformerReconstructor):
+            b, d, h, w = z.shape
+            tokens = self.reconstructor(z.flatten(2).transpose(1, 2))  # B×(h·w)×D
+            z = tokens.transpose(1, 2).reshape(b, d, h, w)
+        else:
+            z = self.reconstructor(z)
+        return self.expand(z)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.embed(images)
+        return f, self.reconstruct(f)
+
+
+# --------------------------------------------------------------------------- anomaly map and score
+
+def feature_difference(f: torch.Tensor, f_hat: torch.Tensor) -> torch.Tensor:
+    """Eq. (2): d(i, u) = f(i, u) − f̂(i, u), B×C×h×w."""
+    return f - f_hat
+
+
+def anomaly_map(f: torch.Tensor, f_hat: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Eq. (3): s(u) = ||d(:, u)||₂, bilinearly upsampled to the input: B×1×H×W."""
+    s = feature_difference(f, f_hat).norm(dim=1, keepdim=True)
+    return F.interpolate(s, size=size, mode="bilinear", align_corners=False)
+
+
+def image_score(maps: torch.Tensor, pool: int) -> torch.Tensor:
+    """The maximum of the average-pooled map, B×1×H×W → B."""
+    pooled = F.avg_pool2d(maps, pool, stride=1, padding=pool // 2, count_include_pad=False) if pool > 1 else maps
+    return pooled.flatten(1).max(dim=1).values
+
+
+# --------------------------------------------------------------------------- losses
+
+def feature_mse(f: torch.Tensor, f_hat: torch.Tensor) -> torch.Tensor:
+    """Eq. (1): L_norm = ||f − f̂||²₂ / (H·W), averaged over the batch (the sum runs over channels)."""
+    return (f - f_hat).pow(2).sum(dim=1).mean()
+
+
+def pseudo_huber(d: torch.Tensor) -> torch.Tensor:
+    """Eq. (6): φ(u) = sqrt((1/C · Σ_i |d(i,u)|)² + 1) − 1, B×C×h×w → B×h×w."""
+    return torch.sqrt(d.abs().mean(dim=1).pow(2) + 1) - 1
+
+
+def push_pull_loss(phi: torch.Tensor, y: torch.Tensor, alpha: float, eps: float = 1e-6) -> torch.Tensor:
+    """Eq. (7), pixel labels y (B×h×w in {0,1}):
+    L_px = 1/HW Σ_u (1 − y(u)) φ(u) − α log(1 − exp(−1/HW Σ_u y(u) φ(u))), averaged over the batch.
+
+    The first term pulls normal features to their reconstruction; the second pushes
+    anomalous ones away (it vanishes as their φ grows, and is 0 for images without anomalies).
+    """
+    hw = phi.shape[-1] * phi.shape[-2]
+    pull = ((1 - y) * phi).flatten(1).sum(1) / hw
+    push_mass = (y * phi).flatten(1).sum(1) / hw
+    push = -alpha * torch.log(1 - torch.exp(-push_mass) + eps)
+    has_anomaly = (y.flatten(1).sum(1) > 0).float()
+    return (pull + has_anomaly * push).mean()
+
+
+def topk_image_loss(phi: torch.Tensor, y: torch.Tensor, k: int, alpha: float, eps: float = 1e-6) -> torch.Tensor:
+    """Eq. (8)–(9), image labels y (B in {0,1}): q = mean of the k largest φ(u);
+    L_img = (1 − y) q − α y log(1 − exp(−q)), averaged over the batch."""
+    q = phi.flatten(1).topk(min(k, phi[0].numel()), dim=1).values.mean(1)
+    y = y.float()
+    return ((1 - y) * q - alpha * y * torch.log(1 - torch.exp(-q) + eps)).mean()
