@@ -1,0 +1,115 @@
+"""data_scripts: download + verify + atomic unpack, against a small archive served from 127.0.0.1."""
+import functools
+import hashlib
+import http.server
+import io
+import socket
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data_scripts"))
+import _fetch  # noqa: E402
+
+
+def _tar_gz(path: Path, files: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as t:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def server(tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _sha(path):
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_fetch_verifies_unpacks_and_skips_on_rerun(server, tmp_path):
+    served, url = server
+    archive = _tar_gz(served / "set.tar.gz", {"bottle/train/good/000.png": b"x" * 100})
+    target = tmp_path / "data" / "mvtec"
+    out = _fetch.fetch(f"{url}/set.tar.gz", _sha(archive), target)
+    assert (out / "bottle/train/good/000.png").read_bytes() == b"x" * 100
+    assert (out / _fetch.MARKER).is_file()
+    archive.unlink()  # a re-run must not need the network
+    assert _fetch.fetch(f"{url}/set.tar.gz", "sha256:" + "0" * 64, target) == target
+    assert not list(target.parent.glob("*.unpacking")) and not list(target.parent.glob("downloads/*.part"))
+
+
+def test_md5_checksums_are_accepted(server, tmp_path):
+    served, url = server
+    archive = _tar_gz(served / "c.tar.gz", {"cifar-10-batches-py/test_batch": b"abc"})
+    md5 = "md5:" + hashlib.md5(archive.read_bytes()).hexdigest()
+    out = _fetch.fetch(f"{url}/c.tar.gz", md5, tmp_path / "cifar10")
+    assert (out / "cifar-10-batches-py/test_batch").read_bytes() == b"abc"
+
+
+def test_checksum_mismatch_leaves_nothing(server, tmp_path):
+    served, url = server
+    _tar_gz(served / "set.tar.gz", {"a.txt": b"a"})
+    with pytest.raises(_fetch.FetchError, match="mismatch"):
+        _fetch.fetch(f"{url}/set.tar.gz", "sha256:" + "0" * 64, tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+    assert not any((tmp_path / "downloads").iterdir())
+
+
+def test_broken_archive_leaves_no_target(server, tmp_path):
+    served, url = server
+    bad = served / "bad.tar.gz"
+    bad.write_bytes(b"this is not an archive")
+    with pytest.raises(_fetch.FetchError, match="not a readable archive"):
+        _fetch.fetch(f"{url}/bad.tar.gz", _sha(bad), tmp_path / "t")
+    assert not (tmp_path / "t").exists() and not list(tmp_path.glob("t.*"))
+
+
+def test_path_traversal_is_refused(tmp_path):
+    archive = _tar_gz(tmp_path / "evil.tar.gz", {"../escaped.txt": b"boo"})
+    with pytest.raises(_fetch.FetchError, match="outside"):
+        _fetch.unpack(archive, tmp_path / "out" / "t")
+    assert not (tmp_path / "out" / "escaped.txt").exists() and not (tmp_path / "out" / "t").exists()
+
+
+def test_unreachable_server_fails_fast(tmp_path):
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.perf_counter()
+    with pytest.raises(_fetch.FetchError, match="could not download"):
+        _fetch.download(f"http://127.0.0.1:{port}/x.tar", tmp_path / "x.tar", checksum=None, timeout=3)
+    assert time.perf_counter() - t < 5 and not list(tmp_path.iterdir())
+
+
+def test_bad_checksum_spec():
+    with pytest.raises(ValueError, match="sha256"):
+        _fetch._parse("crc32:1234")
+
+
+def test_scripts_parse_their_arguments(tmp_path, monkeypatch):
+    import importlib
+
+    monkeypatch.setenv("UADKIT_DATA", str(tmp_path))
+    sources = [(importlib.import_module(n).URL, importlib.import_module(n).CHECKSUM) for n in ("mvtec", "visa")]
+    sources += list(importlib.import_module("cifar").SOURCES.values())
+    for url, checksum in sources:
+        algorithm, value = _fetch._parse(checksum)
+        assert url.startswith("https://") and len(value) == {"sha256": 64, "md5": 32}[algorithm]
+    assert _fetch.parser("x").parse_args([]).root == tmp_path
