@@ -88,3 +88,12 @@ def test_vit_token_maps(tmp_path, monkeypatch):
 def test_unknown_backbone():
     with pytest.raises(KeyError, match="available"):
         backbones.create("vgg99")
+
+
+def test_resize_aligned_keeps_cell_centres_on_their_pixels():
+    m = torch.zeros(1, 1, 4, 4)
+    m[0, 0, 2, 1] = 1.0  # cell (2, 1) of a stride-4 grid over a 16×16 image is centred on pixel (8, 4)
+    up = backbones.resize_aligned(m, (16, 16))
+    assert up.shape == (1, 1, 16, 16)
+    assert divmod(int(up.argmax()), 16) == (8, 4) and up.max() == 1.0
+    assert torch.equal(backbones.resize_aligned(m, (4, 4)), m)

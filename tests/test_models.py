@@ -81,3 +81,25 @@ def test_memory_bank_distance_is_exact():
     d = det.model(x)
     norm = det.model.embed(x).norm(dim=1).mean()
     assert d.max() < 2e-3 * norm
+
+
+def test_knn_on_a_user_folder_tree(tmp_path):
+    """Any MVTec-style tree a user brings works through the same interface."""
+    from test_data_folders import make_mvtec_tree
+
+    tree = make_mvtec_tree(tmp_path, category_dir=tmp_path / "my_parts")
+    train = get_dataset(f"folder/{tree}", "train", image_size=32)
+    test = get_dataset(f"folder/{tree}", "test", image_size=32)
+    det = uadkit.models.create("knn", progress=False).fit(train)
+    scores, maps = det.predict(test)
+    assert scores.shape == (3,) and maps.shape == (3, 1, 32, 32)
+    assert scores[:2].min() > scores[2]  # the two bright "defect" images differ most from the train images
+    result = det.evaluate(test)
+    assert set(result) == {"image AUROC", "pixel AUROC", "AUPRO"} and result["image AUROC"] == 1.0
+
+
+def test_evaluate_without_masks_is_a_clear_error():
+    det = uadkit.models.create("knn", progress=False).fit(_small("digits/0", "train"))
+    with pytest.raises(ValueError, match="no ground-truth masks"):
+        det.evaluate(_small("digits/0", "test"))
+    assert 0.5 < det.evaluate(_small("digits/0", "test"), pixel=False)["image AUROC"] <= 1.0

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-__all__ = ["WeightsUnavailable", "Backbone", "create", "available", "weights_path", "REGISTRY"]
+__all__ = ["WeightsUnavailable", "Backbone", "create", "available", "weights_path", "resize_aligned", "REGISTRY"]
 
 
 class WeightsUnavailable(RuntimeError):
@@ -216,3 +216,24 @@ def classifier(name: str) -> nn.Module:
     if REGISTRY[name].kind != "cnn":
         raise ValueError(f"{name} is not a CNN classifier")
     return _classifier_model(name, pretrained=True).eval()
+
+
+def resize_aligned(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize a CNN feature or score map B×C×h×w to ``size`` keeping it on the image.
+
+    In a CNN whose stride-2 layers pad by half their kernel, cell ``i`` of a stride-``s``
+    stage is centred on input pixel ``s·i``, not on ``s·i + (s − 1)/2`` as plain bilinear
+    interpolation assumes; plain interpolation therefore shifts maps by up to half a
+    cell down and right. Here output position ``o`` samples map position ``o·h/H``.
+    """
+    h, w = x.shape[-2:]
+    out_h, out_w = size
+    if (h, w) == (out_h, out_w):
+        return x
+    ys = torch.arange(out_h, device=x.device, dtype=x.dtype) * (h / out_h)
+    xs = torch.arange(out_w, device=x.device, dtype=x.dtype) * (w / out_w)
+    gy = 2 * ys / (h - 1) - 1 if h > 1 else torch.zeros_like(ys)
+    gx = 2 * xs / (w - 1) - 1 if w > 1 else torch.zeros_like(xs)
+    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)  # out_h×out_w×2, (x, y)
+    return torch.nn.functional.grid_sample(x, grid.expand(x.shape[0], -1, -1, -1), mode="bilinear",
+                                           padding_mode="border", align_corners=True)

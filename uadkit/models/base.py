@@ -10,9 +10,11 @@ live here, once.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from tqdm import tqdm  # text bars: readable in terminals, notebooks, Colab and the rendered book
 
+from .. import metrics
 from ..data.base import loader
 
 __all__ = ["Detector"]
@@ -28,18 +30,20 @@ class Detector:
         self.image_size: tuple[int, int] | None = None
 
     # -- what a method implements -------------------------------------------------------------
-    def _fit(self, train_loader) -> None:
+    def _fit(self, train_loader, checkpoint=None) -> None:
         raise NotImplementedError
 
     def _predict_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     # -- the interface ---------------------------------------------------------------------------
-    def fit(self, dataset) -> "Detector":
+    def fit(self, dataset, *, checkpoint=None) -> "Detector":
+        """Learn normality from ``dataset``. Methods that train save their state to ``checkpoint``
+        (a file path) after every epoch and resume from it when called again."""
         if len(dataset) == 0:
             raise ValueError(f"{self.name}: the training set is empty")
         self.image_size = tuple(dataset[0]["image"].shape[-2:])
-        self._fit(loader(dataset, batch_size=self.batch_size, shuffle=False, seed=self.seed))
+        self._fit(loader(dataset, batch_size=self.batch_size, shuffle=False, seed=self.seed), checkpoint)
         return self
 
     @torch.no_grad()
@@ -60,3 +64,17 @@ class Detector:
             scores.append(s.float().cpu())
             maps.append(m.float().cpu())
         return torch.cat(scores), torch.cat(maps)
+
+    def evaluate(self, dataset, *, pixel: bool = True) -> dict[str, float]:
+        """Predict on ``dataset`` and return image AUROC and, with ``pixel``, pixel AUROC and AUPRO."""
+        if pixel and not getattr(dataset, "has_masks", True):
+            raise ValueError(f"{getattr(dataset, 'name', 'this dataset')} has no ground-truth masks: "
+                             "pixel metrics need them; call evaluate(..., pixel=False)")
+        scores, maps = self.predict(dataset)
+        labels = np.array([dataset[i]["label"] for i in range(len(dataset))])
+        out = {"image AUROC": metrics.image_auroc(scores, labels)}
+        if pixel:
+            masks = torch.stack([dataset[i]["mask"] for i in range(len(dataset))])
+            out["pixel AUROC"] = metrics.pixel_auroc(maps, masks)
+            out["AUPRO"] = metrics.aupro(maps, masks)
+        return out

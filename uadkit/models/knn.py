@@ -60,8 +60,7 @@ class KNNModel(nn.Module):
         feats = self.backbone(x)
         picked = [F.avg_pool2d(feats[i], self.pool, stride=1, padding=self.pool // 2) for i in self.layers]
         size = picked[0].shape[-2:]
-        picked = [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-                  for f in picked]
+        picked = [backbones.resize_aligned(f, size) for f in picked]
         return torch.cat(picked, dim=1)  # B×C×h×w, C = Σ channels of the chosen stages
 
     def remember(self, patches: torch.Tensor) -> None:
@@ -79,7 +78,7 @@ class KNNModel(nn.Module):
 
 def anomaly_map(distances: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:
     """Patch distances B×1×h×w → map B×1×H×W at input resolution, Gaussian-smoothed (σ in pixels)."""
-    m = F.interpolate(distances, size=size, mode="bilinear", align_corners=False)
+    m = backbones.resize_aligned(distances, size)
     if sigma > 0:
         k = 2 * int(4 * sigma + 0.5) + 1
         m = gaussian_blur(m, kernel_size=[k, k], sigma=[sigma, sigma])
@@ -101,7 +100,7 @@ class KNNDetector(Detector):
         self.model = KNNModel(backbone=net, layers=self.config.layers, pool=self.config.pool).to(self.device)
 
     @torch.no_grad()
-    def _fit(self, train_loader) -> None:
+    def _fit(self, train_loader, checkpoint=None) -> None:  # nothing is trained: no checkpoint
         patches = []
         for batch in train_loader:
             f = self.model.embed(batch["image"].to(self.device))
