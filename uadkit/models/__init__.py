@@ -22,7 +22,13 @@ def _knn(profile, overrides):
     return KNNConfig.for_profile(profile.name, **overrides), KNNDetector
 
 
-_FACTORIES = {"knn": _knn}
+def _adtr(profile, overrides):
+    from .adtr import ADTRConfig, ADTRDetector
+
+    return ADTRConfig.for_profile(profile.name, **overrides), ADTRDetector
+
+
+_FACTORIES = {"knn": _knn, "adtr": _adtr}
 
 
 def available() -> list[str]:

@@ -28,10 +28,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import backbones, train
+from ..backbones import resize_aligned
+from .base import Detector
+
 __all__ = [
     "ADTRConfig", "MultiScaleFeatures", "PixelPatches", "ADTRModel",
     "feature_difference", "anomaly_map", "image_score",
-    "feature_mse", "pseudo_huber", "push_pull_loss", "topk_image_loss",
+    "feature_mse", "pseudo_huber", "push_pull_loss", "topk_image_loss", "ADTRDetector",
 ]
 
 
@@ -53,7 +57,7 @@ class ADTRConfig:
     attention: bool = True  # False: concatenation + projection instead of attention (Table 4a)
     aux_query: bool = True  # False: the encoder output is the decoder input (Table 4a)
     target: str = "features"  # or "pixels" (Table 4b)
-    score_pool: int = 3  # average-pooling window (feature cells... in input pixels × stride) for the image score
+    score_pool: int = 16  # average-pooling window of the image score, in pixels of a 224-px image (UniAD's choice)
     epochs: int = 500
     lr: float = 1e-4
     weight_decay: float = 1e-4
@@ -65,9 +69,9 @@ class ADTRConfig:
         from ..profiles import get
 
         if get(profile).is_smoke:
-            base = cls(backbone="efficientnet_lite0", layers=(0, 1, 2, 3), feature_stride=8, dim=128, heads=4,
-                       ffn=256, encoder_layers=2, decoder_layers=2, epochs=40, lr=5e-4, lr_drop_epoch=32,
-                       batch_size=32)
+            base = cls(backbone="efficientnet_lite0", layers=(0, 1, 2, 3), feature_stride=8, dim=64, heads=4,
+                       ffn=128, encoder_layers=2, decoder_layers=2, epochs=40, lr=2e-3, lr_drop_epoch=35,
+                       batch_size=25)
         else:
             base = cls()
         return dataclasses.replace(base, **overrides)
@@ -87,8 +91,14 @@ class MultiScaleFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = (x.shape[-2] // self.stride, x.shape[-1] // self.stride)
         feats = self.backbone(x)
-        return torch.cat([F.interpolate(feats[i], size=size, mode="bilinear", align_corners=False)
-                          for i in self.layers], dim=1)
+        return torch.cat([self._resize(feats[i], size) for i in self.layers], dim=1)
+
+    @staticmethod
+    def _resize(f: torch.Tensor, size) -> torch.Tensor:
+        """Finer stages are average-pooled down (no aliasing), coarser ones upsampled on their pixel centres."""
+        if f.shape[-2] > size[0]:
+            return F.adaptive_avg_pool2d(f, size)
+        return resize_aligned(f, size)
 
 
 class PixelPatches(nn.Module):
@@ -255,7 +265,7 @@ def feature_difference(f: torch.Tensor, f_hat: torch.Tensor) -> torch.Tensor:
 def anomaly_map(f: torch.Tensor, f_hat: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Eq. (3): s(u) = ||d(:, u)||₂, bilinearly upsampled to the input: B×1×H×W."""
     s = feature_difference(f, f_hat).norm(dim=1, keepdim=True)
-    return F.interpolate(s, size=size, mode="bilinear", align_corners=False)
+    return resize_aligned(s, size)
 
 
 def image_score(maps: torch.Tensor, pool: int) -> torch.Tensor:
@@ -297,3 +307,95 @@ def topk_image_loss(phi: torch.Tensor, y: torch.Tensor, k: int, alpha: float, ep
     q = phi.flatten(1).topk(min(k, phi[0].numel()), dim=1).values.mean(1)
     y = y.float()
     return ((1 - y) * q - alpha * y * torch.log(1 - torch.exp(-q) + eps)).mean()
+
+
+# --------------------------------------------------------------------------- the detector interface
+
+class ADTRDetector(Detector):
+    """ADTR behind the book's interface: ``fit`` trains the reconstructor on normal images
+    (Eq. (1)); ``finetune`` adapts it to anomalies (ADTR+, Eq. (7) or Eq. (9))."""
+
+    name = "adtr"
+
+    def __init__(self, config: ADTRConfig | None = None, *, pretrained: bool = True, **kw):
+        super().__init__(**kw)
+        self.config = c = config or ADTRConfig()
+        if c.target == "pixels":
+            self.embed = PixelPatches(stride=c.feature_stride)
+        elif c.target == "features":
+            net = backbones.create(c.backbone, pretrained=pretrained)
+            self.embed = MultiScaleFeatures(backbone=net, layers=c.layers, stride=c.feature_stride)
+        else:
+            raise ValueError(f"target must be 'features' or 'pixels', got {c.target!r}")
+        self.embed.to(self.device)
+        self.model: ADTRModel | None = None
+        self.history: list[float] = []
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen embeddings f of images N×3×H×W, computed in batches: N×C×h×w on the CPU."""
+        return torch.cat([self.embed(images[i:i + self.batch_size].to(self.device)).cpu()
+                          for i in range(0, len(images), self.batch_size)])
+
+    def _images(self, loader) -> torch.Tensor:
+        return torch.cat([batch["image"] for batch in loader])
+
+    def _train(self, feats: torch.Tensor, loss_fn, *, epochs: int, lr: float, drop: int, checkpoint, desc: str,
+               extra: torch.Tensor | None = None):
+        """AdamW on the reconstructor over precomputed features (the backbone is frozen)."""
+        tensors = (feats,) if extra is None else (feats, extra)
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*tensors), batch_size=self.config.batch_size,
+                                           shuffle=True, generator=torch.Generator().manual_seed(self.seed))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.config.weight_decay)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[drop], gamma=0.1)
+        return train.fit(self.model, loss_fn, data, epochs=epochs, optimizer=opt, scheduler=sched,
+                         device=self.device, checkpoint=checkpoint, desc=desc, progress=self.progress)
+
+    def _fit(self, train_loader, checkpoint=None) -> None:
+        torch.manual_seed(self.seed)
+        feats = self.features(self._images(train_loader))
+        self.model = ADTRModel(embed=self.embed, grid=tuple(feats.shape[-2:]), config=self.config).to(self.device)
+        c = self.config
+        self.history = self._train(feats, lambda m, b: feature_mse(b[0], m.reconstruct(b[0])), epochs=c.epochs,
+                                   lr=c.lr, drop=c.lr_drop_epoch, checkpoint=checkpoint, desc="ADTR")
+
+    def finetune(self, normal, anomalies, *, labels: str, epochs: int, alpha: float = 0.003, k: int = 20,
+                 lr: float | None = None, checkpoint=None) -> list[float]:
+        """ADTR+: continue training with anomalies.
+
+        ``labels="pixel"``: ``anomalies`` is ``(images, masks)``, e.g. confetti noise on normal
+        images; loss Eq. (7) with y(u) = 1 where at least a quarter of a feature cell is anomalous.
+        ``labels="image"``: ``anomalies`` is a tensor of anomalous images (another class or
+        category); loss Eq. (9) on the top-``k`` mean of φ. ``normal`` is N×3×H×W.
+        """
+        if self.model is None:
+            raise RuntimeError("finetune() continues a fitted model: call fit() first")
+        if labels == "pixel":
+            images, masks = anomalies
+            y = F.adaptive_avg_pool2d(torch.cat([torch.zeros(len(normal), 1, *masks.shape[-2:]), masks]),
+                                      self.model.grid)[:, 0].ge(0.25).float()  # N×h×w
+            feats = self.features(torch.cat([normal, images]))
+            loss = lambda m, b: push_pull_loss(pseudo_huber(feature_difference(b[0], m.reconstruct(b[0]))), b[1], alpha)  # noqa: E731
+        elif labels == "image":
+            feats = self.features(torch.cat([normal, anomalies]))
+            y = torch.cat([torch.zeros(len(normal)), torch.ones(len(anomalies))])
+            loss = lambda m, b: topk_image_loss(pseudo_huber(feature_difference(b[0], m.reconstruct(b[0]))), b[1], k, alpha)  # noqa: E731
+        else:
+            raise ValueError(f"labels must be 'pixel' or 'image', got {labels!r}")
+        history = self._train(feats, loss, epochs=epochs, lr=lr or self.config.lr, drop=max(1, int(0.8 * epochs)),
+                              checkpoint=checkpoint, desc=f"ADTR+ ({labels} labels)", extra=y)
+        self.history += history
+        return history
+
+    def _predict_batch(self, images):
+        f, f_hat = self.model(images)
+        maps = anomaly_map(f, f_hat, images.shape[-2:])
+        pool = max(1, round(self.config.score_pool * images.shape[-1] / 224))  # scaled to this image size
+        return image_score(maps, pool + 1 - pool % 2), maps  # an odd window stays centred
+
+    @torch.no_grad()
+    def difference_vectors(self, images: torch.Tensor) -> torch.Tensor:
+        """d(:, u) of Eq. (2) for every cell: N×C×h×w (for the t-SNE of Fig. 5)."""
+        f = self.features(images).to(self.device)
+        return feature_difference(f, self.model.reconstruct(f)).cpu()
