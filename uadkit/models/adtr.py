@@ -70,7 +70,7 @@ class ADTRConfig:
 
         if get(profile).is_smoke:
             base = cls(backbone="efficientnet_lite0", layers=(0, 1, 2, 3), feature_stride=8, dim=64, heads=4,
-                       ffn=128, encoder_layers=2, decoder_layers=2, epochs=40, lr=2e-3, lr_drop_epoch=35,
+                       ffn=128, encoder_layers=2, decoder_layers=2, epochs=30, lr=2e-3, lr_drop_epoch=25,
                        batch_size=25)
         else:
             base = cls()
@@ -370,6 +370,7 @@ class ADTRDetector(Detector):
         images; loss Eq. (7) with y(u) = 1 where at least a quarter of a feature cell is anomalous.
         ``labels="image"``: ``anomalies`` is a tensor of anomalous images (another class or
         category); loss Eq. (9) on the top-``k`` mean of φ. ``normal`` is N×3×H×W.
+        ``labels="none"``: the control, more epochs of Eq. (1) on ``normal`` alone (``anomalies`` unused).
         """
         if self.model is None:
             raise RuntimeError("finetune() continues a fitted model: call fit() first")
@@ -383,8 +384,11 @@ class ADTRDetector(Detector):
             feats = self.features(torch.cat([normal, anomalies]))
             y = torch.cat([torch.zeros(len(normal)), torch.ones(len(anomalies))])
             loss = lambda m, b: topk_image_loss(pseudo_huber(feature_difference(b[0], m.reconstruct(b[0]))), b[1], k, alpha)  # noqa: E731
+        elif labels == "none":
+            feats, y = self.features(normal), torch.zeros(len(normal))
+            loss = lambda m, b: feature_mse(b[0], m.reconstruct(b[0]))  # noqa: E731
         else:
-            raise ValueError(f"labels must be 'pixel' or 'image', got {labels!r}")
+            raise ValueError(f"labels must be 'pixel', 'image' or 'none', got {labels!r}")
         history = self._train(feats, loss, epochs=epochs, lr=lr or self.config.lr, drop=max(1, int(0.8 * epochs)),
                               checkpoint=checkpoint, desc=f"ADTR+ ({labels} labels)", extra=y)
         self.history += history
