@@ -2,7 +2,7 @@
 
 >>> import uadkit.models
 >>> uadkit.models.available()
-['knn']
+['adtr', 'knn']
 >>> det = uadkit.models.create("knn", profile="smoke")
 >>> scores, maps = det.fit(train).predict(test)
 
