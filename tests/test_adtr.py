@@ -117,3 +117,24 @@ def test_finetune_with_pixel_and_image_labels():
     assert len(det.finetune(train.images, other, labels="image", epochs=1, k=4)) == 1
     with pytest.raises(ValueError, match="labels"):
         det.finetune(train.images, other, labels="box", epochs=1)
+
+
+def test_paper_profile_on_a_fake_mvtec_tree(tmp_path, monkeypatch):
+    """The paper profile's code path (EfficientNet-B4 layer1-5 = 720 channels, 4+4 layers, width 256)
+    on a miniature MVTec tree, with randomly initialised B4 weights placed in the weights cache."""
+    import timm
+
+    from test_data_folders import make_mvtec_tree
+    from uadkit import backbones
+
+    monkeypatch.setenv("UADKIT_WEIGHTS", str(tmp_path / "weights"))
+    backbones.weights_path("efficientnet_b4").parent.mkdir(parents=True)
+    torch.save(timm.create_model("efficientnet_b4").state_dict(), backbones.weights_path("efficientnet_b4"))
+    make_mvtec_tree(tmp_path)
+    train = get_dataset("mvtec/bottle", "train", root=tmp_path, image_size=64)
+    test = get_dataset("mvtec/bottle", "test", root=tmp_path, image_size=64)
+    det = uadkit.models.create("adtr", profile="paper", device="cpu", epochs=1, lr_drop_epoch=1, batch_size=2,
+                               progress=False)
+    assert det.embed.channels == 720 and det.config.dim == 256 and det.config.encoder_layers == 4
+    scores, maps = det.fit(train).predict(test)
+    assert scores.shape == (3,) and maps.shape == (3, 1, 64, 64) and torch.isfinite(maps).all()
