@@ -119,6 +119,16 @@ def test_finetune_with_pixel_and_image_labels():
         det.finetune(train.images, other, labels="box", epochs=1)
 
 
+def test_finetune_drops_the_lr_at_two_thirds_like_epoch_200_of_300(monkeypatch):
+    train = get_dataset("mini/gravel", "train", n_train=10, image_size=32)
+    det = uadkit.models.create("adtr", progress=False, epochs=1, lr_drop_epoch=1, batch_size=10).fit(train)
+    drops = []
+    monkeypatch.setattr(det, "_train", lambda *a, drop, **kw: drops.append(drop) or [0.0])
+    det.finetune(train.images, None, labels="none", epochs=300)
+    det.finetune(train.images, None, labels="none", epochs=5, lr_drop_epoch=4)
+    assert drops == [200, 4]
+
+
 def test_paper_profile_on_a_fake_mvtec_tree(tmp_path, monkeypatch):
     """The paper profile's code path (EfficientNet-B4 layer1-5 = 720 channels, 4+4 layers, width 256)
     on a miniature MVTec tree, with randomly initialised B4 weights placed in the weights cache."""

@@ -363,8 +363,11 @@ class ADTRDetector(Detector):
                                    lr=c.lr, drop=c.lr_drop_epoch, checkpoint=checkpoint, desc="ADTR")
 
     def finetune(self, normal, anomalies, *, labels: str, epochs: int, alpha: float = 0.003, k: int = 20,
-                 lr: float | None = None, checkpoint=None) -> list[float]:
+                 lr: float | None = None, lr_drop_epoch: int | None = None, checkpoint=None) -> list[float]:
         """ADTR+: continue training with anomalies.
+
+        The learning rate drops ×0.1 at ``lr_drop_epoch`` (default: two thirds of ``epochs``, the
+        paper's epoch 200 of 300).
 
         ``labels="pixel"``: ``anomalies`` is ``(images, masks)``, e.g. confetti noise on normal
         images; loss Eq. (7) with y(u) = 1 where at least a quarter of a feature cell is anomalous.
@@ -389,7 +392,7 @@ class ADTRDetector(Detector):
             loss = lambda m, b: feature_mse(b[0], m.reconstruct(b[0]))  # noqa: E731
         else:
             raise ValueError(f"labels must be 'pixel', 'image' or 'none', got {labels!r}")
-        history = self._train(feats, loss, epochs=epochs, lr=lr or self.config.lr, drop=max(1, int(0.8 * epochs)),
+        history = self._train(feats, loss, epochs=epochs, lr=lr or self.config.lr, drop=lr_drop_epoch or max(1, round(epochs * 2 / 3)),
                               checkpoint=checkpoint, desc=f"ADTR+ ({labels} labels)", extra=y)
         self.history += history
         return history
