@@ -82,10 +82,14 @@ def _safe_members(names, target: Path):
             raise FetchError(f"archive member {name!r} would be written outside {target}")
 
 
-def unpack(archive: Path, target: Path) -> Path:
-    """Extract ``archive`` (tar, tar.gz, tar.xz, zip) so that its contents end up in ``target``."""
+def unpack(archive: Path, target: Path, *, replace: bool = False) -> Path:
+    """Extract ``archive`` (tar, tar.gz, tar.xz, zip) so that its contents end up in ``target``.
+
+    A complete ``target`` is kept unless ``replace``; even then it is swapped out only once the
+    new copy is fully extracted, so a failed redo never leaves less than there was.
+    """
     target = Path(target)
-    if (target / MARKER).is_file():
+    if (target / MARKER).is_file() and not replace:
         print(f"{target} is complete; skipping (delete it or pass --force to redo)")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -117,13 +121,11 @@ def unpack(archive: Path, target: Path) -> Path:
 def fetch(url: str, checksum: str | None, target: Path, *, force: bool = False, timeout: float = 30) -> Path:
     """Download to ``<target>.download/`` and unpack into ``target``."""
     target = Path(target)
-    if force and target.exists():
-        shutil.rmtree(target)
-    if (target / MARKER).is_file():
+    if (target / MARKER).is_file() and not force:
         print(f"{target} is complete; nothing to do")
         return target
     archive = download(url, target.parent / "downloads" / url.rsplit("/", 1)[-1], checksum=checksum, timeout=timeout)
-    return unpack(archive, target)
+    return unpack(archive, target, replace=force)
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -55,6 +55,20 @@ def test_fetch_verifies_unpacks_and_skips_on_rerun(server, tmp_path):
     assert not list(target.parent.glob("*.unpacking")) and not list(target.parent.glob("downloads/*.part"))
 
 
+def test_force_redoes_but_never_deletes_a_tree_it_cannot_replace(server, tmp_path):
+    served, url = server
+    archive = _tar_gz(served / "set.tar.gz", {"a.txt": b"old"})
+    target = _fetch.fetch(f"{url}/set.tar.gz", _sha(archive), tmp_path / "t")
+    bad = served / "bad.tar.gz"
+    bad.write_bytes(b"not an archive")
+    with pytest.raises(_fetch.FetchError):
+        _fetch.fetch(f"{url}/bad.tar.gz", _sha(bad), target, force=True)
+    assert (target / "a.txt").read_bytes() == b"old" and (target / _fetch.MARKER).is_file()
+    new = _tar_gz(served / "new.tar.gz", {"a.txt": b"new"})
+    _fetch.fetch(f"{url}/new.tar.gz", _sha(new), target, force=True)
+    assert (target / "a.txt").read_bytes() == b"new"
+
+
 def test_md5_checksums_are_accepted(server, tmp_path):
     served, url = server
     archive = _tar_gz(served / "c.tar.gz", {"cifar-10-batches-py/test_batch": b"abc"})

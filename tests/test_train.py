@@ -43,6 +43,7 @@ def test_resume_gives_identical_weights(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(v, reference[k]), k
     state = torch.load(ckpt, weights_only=True)
+    assert "python" in state["rng"]  # random.random() in a loss or augmentation resumes too
     assert state["epoch"] == 3 and not ckpt.with_suffix(".pt.tmp").exists()
 
 

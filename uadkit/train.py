@@ -53,7 +53,8 @@ def to_device(batch, device):
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(),
              "numpy": torch.from_numpy(np.frombuffer(np.random.get_state()[1].tobytes(), dtype=np.uint8).copy()),
-             "numpy_pos": np.random.get_state()[2]}
+             "numpy_pos": np.random.get_state()[2],
+             "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -63,6 +64,8 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     keys = np.frombuffer(state["numpy"].numpy().tobytes(), dtype=np.uint32)
     np.random.set_state(("MT19937", keys, int(state["numpy_pos"])))
+    if "python" in state:
+        random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
