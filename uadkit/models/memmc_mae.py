@@ -78,7 +78,7 @@ class MemMCConfig:
 
         if get(profile).is_smoke:  # 64-px images: 8×8 patches → 64 tokens, a small ViT from scratch
             base = cls(patch=8, dim=64, depth=4, heads=4, decoder_dim=64, decoder_depth=2, decoder_heads=4,
-                       mlp_ratio=2.0, memory_slots=10, epochs=60, warmup_epochs=5, lr=1.5e-3, batch_size=32,
+                       mlp_ratio=2.0, memory_slots=10, epochs=20, warmup_epochs=5, lr=1.5e-3, batch_size=32,
                        ssim_scales=3, ssim_window=7)
         else:
             base = cls()
