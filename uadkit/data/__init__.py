@@ -13,6 +13,8 @@ Names
 ``visa/<category>``    VisA with its split CSV
 ``folder/<path>``      any MVTec-style tree (BMAD, Uni-Medical, converted sets)
 ``cifar10/<k>``, ``cifar100/<k>``   one-vs-all from torchvision's on-disk format
+``covidx/all``         Covid-X chest X-rays, image labels only (:mod:`uadkit.data.medical`)
+``hyper-kvasir/all``   Hyper-Kvasir colonoscopy, polyps with masks (:mod:`uadkit.data.medical`)
 
 Every item is a dict with ``image``, ``label``, ``mask``, ``category``, ``path``
 (see :mod:`uadkit.data.base`).
@@ -49,7 +51,7 @@ __all__ = [
 ]
 
 SPLITS = ("train", "test")
-_KINDS = ("mini", "digits", "fashion", "mvtec", "visa", "folder", "cifar10", "cifar100")
+_KINDS = ("mini", "digits", "fashion", "mvtec", "visa", "folder", "cifar10", "cifar100", "covidx", "hyper-kvasir")
 
 
 def available() -> dict[str, list[str]]:
@@ -65,6 +67,8 @@ def available() -> dict[str, list[str]]:
         "folder": ["<path to an MVTec-style tree>"],
         "cifar10": [str(k) for k in range(10)],
         "cifar100": [str(k) for k in range(20)],
+        "covidx": ["all"],
+        "hyper-kvasir": ["all"],
     }
 
 
@@ -113,6 +117,13 @@ def get_dataset(name: str, split: str, *, root=None, image_size: int | None = No
         n = 10 if kind == "cifar10" else 20  # CIFAR-100: the 20 super-classes, as in the AD literature
         return oneclass.cifar(_class_index(kind, cat, n), split, root=root, image_size=image_size or 32,
                               num_classes=int(kind[5:]), **kw)
+    if kind in ("covidx", "hyper-kvasir"):
+        from . import medical
+
+        if cat != "all":
+            raise UnknownDataset(f"{kind} has one category, 'all'; got {name!r}")
+        load = medical.covidx if kind == "covidx" else medical.hyper_kvasir
+        return load(split, root=root, image_size=image_size or 224, **kw)
     raise UnknownDataset(f"unknown dataset kind {kind!r} in {name!r}; kinds: {', '.join(_KINDS)}")
 
 

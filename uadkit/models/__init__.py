@@ -28,7 +28,13 @@ def _adtr(profile, overrides):
     return ADTRConfig.for_profile(profile.name, **overrides), ADTRDetector
 
 
-_FACTORIES = {"knn": _knn, "adtr": _adtr}
+def _memmc_mae(profile, overrides):
+    from .memmc_mae import MemMCConfig, MemMCDetector
+
+    return MemMCConfig.for_profile(profile.name, **overrides), MemMCDetector
+
+
+_FACTORIES = {"knn": _knn, "adtr": _adtr, "memmc_mae": _memmc_mae}
 
 
 def available() -> list[str]:
