@@ -34,7 +34,13 @@ def _memmc_mae(profile, overrides):
     return MemMCConfig.for_profile(profile.name, **overrides), MemMCDetector
 
 
-_FACTORIES = {"knn": _knn, "adtr": _adtr, "memmc_mae": _memmc_mae}
+def _qfae(profile, overrides):
+    from .qfae import QFAEConfig, QFAEDetector
+
+    return QFAEConfig.for_profile(profile.name, **overrides), QFAEDetector
+
+
+_FACTORIES = {"knn": _knn, "adtr": _adtr, "memmc_mae": _memmc_mae, "qfae": _qfae}
 
 
 def available() -> list[str]:
