@@ -372,3 +372,21 @@ def test_other_bad_input_raises():
         M.iou(maps, masks, float("nan"))
     with pytest.raises(ValueError, match="N×H×W"):
         M.pixel_auroc(maps[0, 0], masks[0, 0])  # 1-D is not a map
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_aupro_sorts_only_the_low_fpr_pixels_and_matches_the_full_curve(seed):
+    # aupro cuts the curve short; the area must equal the one from the full
+    # curve, also with many tied scores (coarse maps) and several limits.
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((6, 20, 20), dtype=np.uint8)
+    masks[0, 2:6, 3:9] = 1
+    masks[2, 10:19, 10:12] = 1
+    masks[3, 0:3, 0:3] = 1
+    masks[3, 15:18, 15:20] = 1
+    levels = [4, 50, 10_000][seed % 3]
+    maps = rng.integers(0, levels, masks.shape).astype(np.float64) + 2.0 * masks * rng.random(masks.shape)
+    for limit in (0.01, 0.05, 0.3, 0.77, 1.0):
+        fpr, pro = M.pro_curve(maps, masks)
+        full = M._trapezoid_up_to(fpr, pro, limit) / limit
+        assert M.aupro(maps, masks, fpr_limit=limit) == pytest.approx(full, abs=1e-12)

@@ -332,14 +332,23 @@ def pixel_auroc(maps: Any, masks: Any) -> float:
     return _auroc(s.reshape(-1), t.reshape(-1))
 
 
-def _pro_curve(s: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The exact PRO curve of checked ``N×H×W`` maps ``s`` and bool masks ``t``."""
+def _pro_curve(
+    s: np.ndarray, t: np.ndarray, fpr_limit: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exact PRO curve of checked ``N×H×W`` maps ``s`` and bool masks ``t``.
+
+    With ``fpr_limit`` the curve is cut short: it holds every point with
+    ``FPR <= fpr_limit`` and at least one point beyond (for interpolation), and
+    only the pixels that can reach those points are sorted. The points it
+    holds are exactly those of the full curve.
+    """
     # 8-connected components, per image: a 3×3×3 structure whose only ones lie
     # in the middle plane connects pixels within an image, never across images.
     structure = np.zeros((3, 3, 3), dtype=bool)
     structure[1] = True
     regions, n_regions = ndimage.label(t, structure=structure)
     regions = regions.reshape(-1)
+    scores = s.reshape(-1)
     sizes = np.bincount(regions, minlength=n_regions + 1)
     n_normal = int(sizes[0])
 
@@ -347,8 +356,21 @@ def _pro_curve(s: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pro_step = np.zeros(n_regions + 1, dtype=np.float64)
     pro_step[1:] = 1.0 / (sizes[1:] * float(n_regions))
 
-    # one sort of all pixels, highest score first, carrying each pixel's region
-    keys, regions_sorted = _sort_scores(s.reshape(-1), regions)
+    # Cutting short: a threshold whose FPR is <= fpr_limit flags at most
+    # floor(fpr_limit * n_normal) normal pixels plus every region pixel. Keep
+    # all pixels scoring >= the m-th highest score, with m one more than that:
+    # whole runs of ties are kept, and the last kept point has FPR > fpr_limit.
+    complete = True
+    if fpr_limit is not None:
+        m = int(np.floor(fpr_limit * n_normal)) + (scores.size - n_normal) + 1
+        if m < scores.size:
+            cut = np.partition(scores, scores.size - m)[scores.size - m]
+            keep = scores >= cut
+            scores, regions = scores[keep], regions[keep]
+            complete = False
+
+    # one sort of the pixels, highest score first, carrying each pixel's region
+    keys, regions_sorted = _sort_scores(scores, regions)
     keys, regions_sorted = keys[::-1], regions_sorted[::-1]
     ends = _last_of_ties(keys)  # threshold = score at each of these indices
 
@@ -361,11 +383,12 @@ def _pro_curve(s: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pro_cum = np.concatenate(([0.0], np.cumsum(pro_step[regions_sorted[in_region]])))
     pro = pro_cum[k]
 
-    # the last threshold is the lowest score: every pixel is flagged, the curve
-    # ends at (1, 1); pin it there and clip the rounding of the cumulative sum.
-    np.clip(pro, None, 1.0, out=pro)
-    pro[-1] = 1.0
-    fpr[-1] = 1.0
+    np.clip(pro, None, 1.0, out=pro)  # the rounding of the cumulative sum
+    if complete:
+        # the last threshold is the lowest score: every pixel is flagged, the
+        # curve ends at (1, 1); pin it there.
+        pro[-1] = 1.0
+        fpr[-1] = 1.0
     return np.concatenate(([0.0], fpr)), np.concatenate(([0.0], pro))
 
 
@@ -420,7 +443,8 @@ def aupro(maps: Any, masks: Any, fpr_limit: float = 0.3) -> float:
     region ``r`` adds ``1 / (size_r · n_regions)`` to the PRO and each normal
     pixel adds ``1 / n_normal`` to the FPR; cumulative sums in descending
     score order give the curve, keeping the last index of every run of equal
-    scores.
+    scores. Only the pixels that can be flagged at FPR <= ``fpr_limit`` are
+    sorted (an ``np.partition`` finds them), which gives the same area.
 
     Parameters
     ----------
@@ -431,7 +455,8 @@ def aupro(maps: Any, masks: Any, fpr_limit: float = 0.3) -> float:
     limit = _number(fpr_limit, "fpr_limit")
     if not 0 < limit <= 1:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit!r}")
-    fpr, pro = pro_curve(maps, masks)
+    s, t = _check(maps, masks, names=("maps", "masks"), maps=True)
+    fpr, pro = _pro_curve(s, t, fpr_limit=limit)
     return _trapezoid_up_to(fpr, pro, limit) / limit
 
 
