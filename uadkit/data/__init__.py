@@ -15,6 +15,7 @@ Names
 ``cifar10/<k>``, ``cifar100/<k>``   one-vs-all from torchvision's on-disk format
 ``covidx/all``         Covid-X chest X-rays, image labels only (:mod:`uadkit.data.medical`)
 ``hyper-kvasir/all``   Hyper-Kvasir colonoscopy, polyps with masks (:mod:`uadkit.data.medical`)
+``bmad/<set>``         BMAD: brats2021, liverct, resc (masks), rsna (labels) (:mod:`uadkit.data.medical`)
 
 Every item is a dict with ``image``, ``label``, ``mask``, ``category``, ``path``
 (see :mod:`uadkit.data.base`).
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 SPLITS = ("train", "test")
-_KINDS = ("mini", "digits", "fashion", "mvtec", "visa", "folder", "cifar10", "cifar100", "covidx", "hyper-kvasir")
+_KINDS = ("mini", "digits", "fashion", "mvtec", "visa", "folder", "cifar10", "cifar100", "covidx", "hyper-kvasir", "bmad")
 
 
 def available() -> dict[str, list[str]]:
@@ -69,6 +70,7 @@ def available() -> dict[str, list[str]]:
         "cifar100": [str(k) for k in range(20)],
         "covidx": ["all"],
         "hyper-kvasir": ["all"],
+        "bmad": ["brats2021", "liverct", "liverct-roi", "resc", "rsna"],
     }
 
 
@@ -124,6 +126,12 @@ def get_dataset(name: str, split: str, *, root=None, image_size: int | None = No
             raise UnknownDataset(f"{kind} has one category, 'all'; got {name!r}")
         load = medical.covidx if kind == "covidx" else medical.hyper_kvasir
         return load(split, root=root, image_size=image_size or 224, **kw)
+    if kind == "bmad":
+        from . import medical
+
+        if cat not in medical.BMAD_SETS:
+            raise UnknownDataset(f"bmad has categories {', '.join(medical.BMAD_SETS)}; got {name!r}")
+        return medical.bmad(cat, split, root=root, image_size=image_size or 224, **kw)
     raise UnknownDataset(f"unknown dataset kind {kind!r} in {name!r}; kinds: {', '.join(_KINDS)}")
 
 

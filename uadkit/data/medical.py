@@ -1,4 +1,4 @@
-"""Medical anomaly-detection sets of the MemMC-MAE chapter: Covid-X and Hyper-Kvasir.
+"""Medical anomaly-detection sets: Covid-X and Hyper-Kvasir (MemMC-MAE), BMAD (QFAE).
 
 Covid-X (COVIDx CXR), ``$UADKIT_DATA/covidx/``::
 
@@ -20,6 +20,17 @@ Following the paper (and CCD, its ref. [30]), the normal images of ``cecum``, ``
 rest (500) test images; the test split adds the 1,000 polyp images with their masks. The
 folders are found by name anywhere under the root, so either archive layout works.
 The masks are JPEGs: a pixel is anomalous when its grey value is above 127.
+
+BMAD (Bao et al., 2024), ``$UADKIT_DATA/bmad/<Brain|Liver|RESC|Chest>/``, the layout the QFAE
+code reads::
+
+    train/good/img/*.png
+    valid|test/good/img/*.png   [good/label/]   valid|test/Ungood/img/*.png   Ungood/label/*.png
+
+``bmad/brats2021`` (Brain), ``bmad/liverct`` (Liver), ``bmad/resc`` (RESC) have pixel masks in
+``Ungood/label`` (same file name as the image; a pixel is anomalous above grey 127);
+``bmad/rsna`` (Chest) has image-level labels only. ``bmad/liverct-roi`` reads ``Liver_roi/``,
+written by ``python data_scripts/bmad.py --liver-roi`` (QFAE's LiverCT preprocessing).
 """
 from __future__ import annotations
 
@@ -32,9 +43,12 @@ from PIL import Image
 from .base import DatasetUnavailable, FileDataset, Record, data_root, load_image, missing_root_error
 from .folders import IMAGE_SUFFIXES
 
-__all__ = ["covidx", "hyper_kvasir", "KVASIR_NORMAL", "ThresholdMaskDataset"]
+__all__ = ["covidx", "hyper_kvasir", "bmad", "KVASIR_NORMAL", "BMAD_SETS", "ThresholdMaskDataset"]
 
 KVASIR_NORMAL = ("cecum", "ileum", "bbps-2-3")
+# name -> folder under bmad/; "liverct-roi" is Liver after QFAE's Sec. 7.1 preprocessing (data_scripts/bmad.py --liver-roi)
+BMAD_SETS = {"brats2021": "Brain", "liverct": "Liver", "liverct-roi": "Liver_roi", "resc": "RESC", "rsna": "Chest"}
+_BMAD_MASKS = {"brats2021", "liverct", "liverct-roi", "resc"}
 
 
 class ThresholdMaskDataset(FileDataset):
@@ -126,3 +140,38 @@ def hyper_kvasir(split: str, *, root=None, image_size: int | None = 224, n_train
             records.append(Record(str(img), 1, "hyper-kvasir", str(masks[img.stem])))
     return ThresholdMaskDataset(records, image_size=image_size, name="hyper-kvasir", masks_expected=(split == "test"))
 
+
+
+def bmad(name: str, split: str, *, root=None, image_size: int | None = 224) -> FileDataset:
+    """A BMAD set (``brats2021``, ``liverct``, ``resc``, ``rsna``); ``split`` "train", "valid" or "test"."""
+    if name not in BMAD_SETS:
+        raise DatasetUnavailable(f"bmad: unknown set {name!r}; one of {', '.join(BMAD_SETS)}")
+    base = data_root(root) / "bmad" / BMAD_SETS[name]
+    if not base.is_dir():
+        raise DatasetUnavailable(
+            f"bmad/{name}: no dataset at {base}. BMAD needs a manual download; see\n"
+            f"    python data_scripts/bmad.py --root {data_root(root)}\n"
+            f"(or set UADKIT_DATA to the folder that holds 'bmad/{BMAD_SETS[name]}/').")
+    if split not in ("train", "valid", "test"):
+        raise DatasetUnavailable(f"bmad/{name}: split must be 'train', 'valid' or 'test', got {split!r}")
+    groups = [("good", 0)] if split == "train" else [("good", 0), ("Ungood", 1)]
+    has_masks = name in _BMAD_MASKS and split != "train"
+    records = []
+    for folder, label in groups:
+        img_dir = base / split / folder / "img"
+        images = _images(img_dir)
+        if not images:
+            raise DatasetUnavailable(f"bmad/{name}: no images in {img_dir} (expected the BMAD layout "
+                                     f"{split}/{folder}/img/; see data_scripts/bmad.py)")
+        for img in images:
+            mask = None
+            if label and has_masks:
+                mask = base / split / folder / "label" / img.name
+                if not mask.is_file():
+                    alt = [p for p in _images(mask.parent) if p.stem == img.stem]
+                    if not alt:
+                        raise DatasetUnavailable(f"bmad/{name}: anomalous image {img} has no mask in {mask.parent}")
+                    mask = alt[0]
+                mask = str(mask)
+            records.append(Record(str(img), label, f"bmad/{name}", mask))
+    return ThresholdMaskDataset(records, image_size=image_size, name=f"bmad/{name}", masks_expected=has_masks)

@@ -1,0 +1,280 @@
+"""QFAE: query count, shapes, the perceptual loss and maps of Eq. (2)–(3), both aggregations of Eq. (4),
+training, the ViT rebuild of the paper profile (patch size, position embedding), the LiverCT
+preprocessing, and the BMAD loader on fake folder trees."""
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import uadkit.models
+from uadkit import backbones
+from uadkit.data import DatasetUnavailable, UnknownDataset, get_dataset
+from uadkit.models import qfae as Q
+
+
+def _tiny(**kw):
+    base = dict(encoder="efficientnet_lite0", encoder_layers=(2, 3), encoder_size=32, dim=32, qformer_heads=2,
+                decoder_dim=32, decoder_depth=1, decoder_heads=2, decoder_extra_tokens=1, patch=8,
+                perceptual="efficientnet_lite0", perceptual_layers=(1, 2), perceptual_scales=(1.0, 0.5),
+                score_layers=(1, 2), score_scales=(1.0, 0.5), epochs=2, batch_size=8, lr=1e-3)
+    return Q.QFAEConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("size, patch, m", [(224, 8, 784), (224, 16, 196), (224, 32, 49), (64, 8, 64), (32, 4, 64)])
+def test_query_count_follows_image_size_and_patch(size, patch, m):
+    assert Q.num_queries(size, patch) == m
+    model = Q.QFAEModel(channels=[24, 40], image_size=size, config=_tiny(patch=patch), cnn_encoder=True)
+    assert model.bottleneck.queries.shape == (1, m, 32)
+
+
+def test_query_count_rejects_a_patch_that_does_not_divide_the_image():
+    with pytest.raises(ValueError, match="multiple"):
+        Q.num_queries(64, 12)
+
+
+@pytest.mark.parametrize("bottleneck", ["qformer", "none"])
+@pytest.mark.parametrize("patch", [4, 8, 16])
+def test_decoder_output_has_the_input_shape(bottleneck, patch):
+    feats = [torch.rand(3, 24, 8, 8), torch.rand(3, 40, 4, 4)]
+    model = Q.QFAEModel(channels=[24, 40], image_size=64, config=_tiny(patch=patch, bottleneck=bottleneck),
+                        cnn_encoder=True)
+    assert model(feats).shape == (3, 3, 64, 64)
+
+
+def test_qformer_takes_any_number_of_tokens_and_returns_m():
+    qf = Q.QFormer(queries=16, dim=32, heads=2, mlp_ratio=2.0)
+    for n in (1, 7, 300):
+        assert qf(torch.rand(2, n, 32)).shape == (2, 16, 32)
+    att = qf.attention(torch.rand(2, 7, 32))
+    assert att.shape == (2, 16, 7) and torch.allclose(att.sum(-1), torch.ones(2, 16))  # each query mixes the tokens
+
+
+def test_encoder_tokens_concatenate_layers_along_the_token_axis():
+    tok = Q.EncoderTokens(channels=[24, 40], dim=32, add_position=True)
+    out = tok([torch.rand(2, 24, 8, 8), torch.rand(2, 40, 4, 4)])
+    assert out.shape == (2, 64 + 16, 32)
+
+
+def test_patchify_unpatchify_roundtrip():
+    x = torch.rand(2, 3, 32, 32)
+    t = Q.patchify(x, 8)
+    assert t.shape == (2, 16, 192)
+    assert torch.equal(t[0, 1], x[0, :, 0:8, 8:16].permute(1, 2, 0).flatten())  # token 1 = row 0, column 1
+    assert torch.equal(Q.unpatchify(t, 8), x)
+
+
+def test_cosine_distance_is_zero_for_identical_features_and_in_0_2():
+    f = torch.randn(2, 8, 5, 5)
+    assert torch.allclose(Q.cosine_distance_map(f, f), torch.zeros(2, 1, 5, 5), atol=1e-6)
+    assert torch.allclose(Q.cosine_distance_map(f, -f), torch.full((2, 1, 5, 5), 2.0), atol=1e-6)
+    d = Q.cosine_distance_map(f, torch.randn(2, 8, 5, 5))
+    assert d.shape == (2, 1, 5, 5) and d.min() >= 0 and d.max() <= 2
+
+
+@pytest.fixture(scope="module")
+def perc():
+    return Q.PerceptualMaps(name="efficientnet_lite0", layers=(1, 2), scales=(1.0, 0.5), image_size=32)
+
+
+def test_perceptual_loss_is_zero_for_identical_images_and_bounded(perc):
+    x = torch.rand(3, 3, 32, 32)
+    same = perc(x, x)
+    assert same.shape == (2, 3, 1, 32, 32)  # L×B×1×H×W
+    assert Q.perceptual_loss(same).item() == pytest.approx(0.0, abs=1e-5)
+    y = torch.rand(3, 3, 32, 32)
+    raw = perc.raw(x, y)
+    assert set(raw) == {(1, 1.0), (1, 0.5), (2, 1.0), (2, 0.5)}
+    for a in raw.values():
+        assert a.min() >= 0 and a.max() <= 2 + 1e-6  # each map (one layer, one scale) in [0, 2]
+    maps = perc(x, y)
+    assert torch.allclose(maps[0], raw[(1, 1.0)] * raw[(1, 0.5)])  # × across scales
+    assert torch.allclose(Q.combine(raw, (1, 2), (1.0, 0.5)), maps)
+    assert 0 < Q.perceptual_loss(maps).item() <= 4  # a product of two maps in [0, 2]
+
+
+def test_perceptual_loss_has_a_gradient_through_the_reconstruction_only(perc):
+    x, x_hat = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32, requires_grad=True)
+    Q.perceptual_loss(perc(x, x_hat)).backward()
+    assert x_hat.grad is not None and x_hat.grad.abs().sum() > 0
+    assert all(p.grad is None for p in perc.parameters())  # the perceptual network stays frozen
+
+
+def test_both_aggregations_on_a_hand_made_map():
+    maps = torch.zeros(2, 1, 1, 4, 4)  # L=2 maps of one image
+    maps[0, 0, 0, 0, 0] = 1.0  # map 1: one bright pixel (an artefact): max 1, mean 1/16
+    maps[1, 0, 0] = 0.25  # map 2: uniformly 0.25: max 0.25, mean 0.25
+    assert Q.image_score(maps, "max_mean").item() == pytest.approx((1.0 + 0.25) / 2)  # Eq. (4)
+    assert Q.image_score(maps, "mean_max").item() == pytest.approx(max(1 / 16, 0.25))  # Sec. 8
+    assert torch.allclose(Q.pixel_map(maps), maps.mean(0))  # Eq. (5)
+    assert Q.pixel_map(maps)[0, 0, 0, 0].item() == pytest.approx((1.0 + 0.25) / 2)
+    with pytest.raises(ValueError, match="aggregation"):
+        Q.image_score(maps, "median")
+
+
+def test_losses():
+    x = torch.rand(2, 3, 8, 8)
+    assert Q.mae_loss(x, x).item() == 0
+    assert Q.mae_loss(x, x + 0.5).item() == pytest.approx(0.5)
+
+
+def test_profiles():
+    smoke, paper = Q.QFAEConfig.for_profile("smoke"), Q.QFAEConfig.for_profile("paper")
+    assert paper.encoder == "dinov2_vitl14_reg" and paper.encoder_layers == (-2, -4) and paper.dim == 768
+    assert (paper.decoder_depth, paper.decoder_heads, paper.decoder_dim, paper.patch) == (6, 12, 768, 8)
+    assert Q.num_queries(224, paper.patch) == 784
+    assert paper.perceptual == "mae_vitl16" and paper.perceptual_scales == (32, 56)
+    assert paper.perceptual_layers == (15, 19) and paper.score_layers == (11, 15, 19)
+    assert smoke.encoder == smoke.perceptual == "efficientnet_lite0"
+    assert Q.QFAEConfig.for_profile("smoke", patch=16).patch == 16
+
+
+def test_short_run_lowers_the_loss_and_scores(tmp_path):
+    train = get_dataset("mini/phantom", "train", n_train=16, image_size=32)
+    det = uadkit.models.create("qfae", progress=False, **dataclasses.asdict(_tiny(epochs=12, lr=3e-3)))
+    det.fit(train, checkpoint=tmp_path / "q.pt")
+    assert det.history[-1] < det.history[0]
+    test = get_dataset("mini/phantom", "test", n_train=16, n_test=3, n_anomalous=3, image_size=32)
+    scores, maps = det.predict(test)
+    assert scores.shape == (6,) and maps.shape == (6, 1, 32, 32) and torch.all(maps >= 0)
+    assert det.reconstruct(torch.stack([test[i]["image"] for i in range(2)])).shape == (2, 3, 32, 32)
+    again = uadkit.models.create("qfae", progress=False, **dataclasses.asdict(_tiny(epochs=12, lr=3e-3)))
+    again.fit(train, checkpoint=tmp_path / "q.pt")  # resumes from the finished checkpoint
+    assert all(torch.equal(v, det.model.state_dict()[k]) for k, v in again.model.state_dict().items())
+
+
+def test_bad_settings_fail_clearly():
+    with pytest.raises(ValueError, match="bottleneck"):
+        Q.QFAEModel(channels=[8], image_size=32, config=_tiny(bottleneck="vq"), cnn_encoder=True)
+    det = uadkit.models.create("qfae", progress=False, **dataclasses.asdict(_tiny(loss="l2")))
+    with pytest.raises(ValueError, match="loss"):
+        det._loss(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))
+
+
+# ----------------------------------------------------------------------------- paper profile, offline
+
+def test_paper_networks_fail_fast_without_cached_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("UADKIT_WEIGHTS", str(tmp_path))
+    for name in ("dinov2_vitl14_reg", "mae_vitl16"):
+        with pytest.raises(backbones.WeightsUnavailable, match=name):
+            Q.vit_network(name)
+    with pytest.raises(backbones.WeightsUnavailable):
+        uadkit.models.create("qfae", profile="paper", device="cpu")
+
+
+@pytest.fixture()
+def tiny_vit(tmp_path, monkeypatch):
+    """A ViT-Tiny/16 registry entry with a cached 'pretrained' file (random weights at 224 px)."""
+    import timm
+
+    monkeypatch.setenv("UADKIT_WEIGHTS", str(tmp_path))
+    monkeypatch.setitem(backbones.REGISTRY, "tiny_vit", backbones.Entry("vit_tiny_patch16_224", "vit", "cache"))
+    torch.manual_seed(0)
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    torch.save(net.state_dict(), backbones.weights_path("tiny_vit"))
+    return net
+
+
+def test_vit_rebuilt_at_another_patch_size_and_resolution(tiny_vit):
+    """The MAE's patch embedding rebuilt at 32 px (paper: 32 and 56) and DINOv2 run at another size:
+    the kernel and the position embedding are resampled, the blocks' weights are the cached ones."""
+    net = Q.vit_network("tiny_vit", img_size=64, patch_size=32)
+    assert net.model.patch_embed.proj.weight.shape[-2:] == (32, 32)
+    assert torch.equal(net.model.blocks[3].mlp.fc1.weight, tiny_vit.blocks[3].mlp.fc1.weight)
+    feats = net(torch.rand(2, 3, 64, 64))
+    assert len(feats) == 12 and feats[5].shape == (2, 192, 2, 2)
+    same = Q.vit_network("tiny_vit", img_size=224)  # no resampling needed
+    assert torch.equal(same.model.pos_embed, tiny_vit.pos_embed)
+    with pytest.raises(ValueError, match="not a ViT"):
+        Q.vit_network("efficientnet_lite0")
+
+
+def test_paper_code_path_with_vits_on_a_fake_bmad_tree(tiny_vit, tmp_path):
+    """ViT encoder (token maps, shared projection, no added position), ViT perceptual network with one
+    network per patch size, max-mean scoring, on a miniature BMAD Brain tree."""
+    make_bmad_tree(tmp_path, "Brain")
+    train = get_dataset("bmad/brats2021", "train", root=tmp_path, image_size=32)
+    test = get_dataset("bmad/brats2021", "test", root=tmp_path, image_size=32)
+    cfg = dict(encoder="tiny_vit", encoder_layers=(-2, -4), encoder_size=32, dim=32, qformer_heads=2,
+               decoder_dim=32, decoder_depth=1, decoder_heads=2, decoder_extra_tokens=5, patch=8,
+               perceptual="tiny_vit", perceptual_layers=(5, 9), perceptual_scales=(8, 16),
+               score_layers=(3, 5, 9), score_scales=(8, 16), epochs=2, batch_size=4)
+    det = uadkit.models.create("qfae", profile="paper", device="cpu", progress=False, **cfg)
+    assert not det.cnn_encoder
+    scores, maps = det.fit(train).predict(test)
+    assert scores.shape == (5,) and maps.shape == (5, 1, 32, 32) and torch.isfinite(maps).all()
+    assert set(det.perceptual("score").nets) == {"8", "16"}  # one rebuilt network per patch size
+
+
+# ----------------------------------------------------------------------------- LiverCT preprocessing
+
+def test_liver_ct_roi_crops_centres_and_keeps_the_mask_aligned():
+    img = np.zeros((300, 200), np.uint8)
+    img[50:110, 20:60] = 200  # the body: a 60×40 box off-centre
+    mask = np.zeros_like(img)
+    mask[60:70, 30:40] = 255
+    out, m = Q.liver_ct_roi(img, mask, size=224, bilateral=False)
+    assert out.shape == m.shape == (224, 224) and out.dtype == np.uint8
+    ys, xs = np.nonzero(out)
+    assert (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1) == (82, 142, 92, 132)  # centred, pasted as is
+    assert m.sum() == mask.sum() and np.all(out[m > 0] == 200)  # the mask moved with the image
+    big = np.full((400, 200), 0.5)  # does not fit: resized keeping the 2:1 aspect ratio
+    ys, xs = np.nonzero(Q.liver_ct_roi(big, size=100, bilateral=False))
+    assert (ys.max() + 1 - ys.min(), xs.max() + 1 - xs.min()) == (100, 50)
+    smooth = Q.liver_ct_roi(img, size=224)
+    assert smooth.shape == (224, 224) and smooth.max() <= 200
+
+
+# ----------------------------------------------------------------------------- BMAD loader
+
+def make_bmad_tree(root: Path, folder: str, masks: bool = True) -> Path:
+    base = root / "bmad" / folder
+    rng = np.random.default_rng(0)
+    for split, group, n in (("train", "good", 4), ("test", "good", 2), ("test", "Ungood", 3)):
+        d = base / split / group / "img"
+        d.mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(d / f"{group}_{i}.png")
+            if group == "Ungood" and masks:
+                (base / split / group / "label").mkdir(exist_ok=True)
+                m = np.zeros((40, 40), np.uint8)
+                m[10:20, 10:20] = 255
+                Image.fromarray(m).save(base / split / group / "label" / f"{group}_{i}.png")
+    return base
+
+
+def test_bmad_loader(tmp_path):
+    make_bmad_tree(tmp_path, "Brain")
+    train = get_dataset("bmad/brats2021", "train", root=tmp_path, image_size=20)
+    test = get_dataset("bmad/brats2021", "test", root=tmp_path, image_size=20)
+    assert len(train) == 4 and len(test) == 5 and [test[i]["label"] for i in range(5)] == [0, 0, 1, 1, 1]
+    item = test[4]
+    assert item["image"].shape == (3, 20, 20) and item["mask"].shape == (1, 20, 20)
+    assert item["mask"].sum() == 25 and test[0]["mask"].sum() == 0  # 10×10 of 40×40 → 5×5 of 20×20
+    with pytest.raises(DatasetUnavailable, match="data_scripts/bmad.py"):
+        get_dataset("bmad/resc", "train", root=tmp_path)
+    with pytest.raises(UnknownDataset, match="brats2021"):
+        get_dataset("bmad/brain", "train", root=tmp_path)
+    make_bmad_tree(tmp_path, "Chest", masks=False)  # RSNA: image labels only
+    rsna = get_dataset("bmad/rsna", "test", root=tmp_path, image_size=20)
+    assert len(rsna) == 5 and not rsna.has_masks
+    next(iter((tmp_path / "bmad" / "Brain" / "test" / "Ungood" / "label").iterdir())).unlink()
+    with pytest.raises(DatasetUnavailable, match="no mask"):
+        get_dataset("bmad/brats2021", "test", root=tmp_path)
+
+
+def test_bmad_script_checks_the_layout_and_writes_the_liver_roi(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "data_scripts" / "bmad.py"
+    run = lambda *a: subprocess.run([sys.executable, str(script), "--root", str(tmp_path), *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    out = run()
+    assert out.returncode != 0 and "DorisBao/BMAD" in out.stderr and "NOT READY" in out.stdout
+    make_bmad_tree(tmp_path, "Liver")
+    out = run("--liver-roi")
+    assert out.returncode == 0, out.stderr
+    roi = get_dataset("bmad/liverct-roi", "test", root=tmp_path, image_size=None)
+    assert len(roi) == 5 and roi[0]["image"].shape == (3, 224, 224) and roi[4]["mask"].sum() > 0
