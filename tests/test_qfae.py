@@ -278,3 +278,12 @@ def test_bmad_script_checks_the_layout_and_writes_the_liver_roi(tmp_path):
     assert out.returncode == 0, out.stderr
     roi = get_dataset("bmad/liverct-roi", "test", root=tmp_path, image_size=None)
     assert len(roi) == 5 and roi[0]["image"].shape == (3, 224, 224) and roi[4]["mask"].sum() > 0
+
+
+def test_features_upto_matches_the_whole_network():
+    net = backbones.create("efficientnet_lite0")
+    x = torch.rand(2, 3, 64, 64)
+    full = net(x)
+    for last in range(len(full)):
+        part = Q.features_upto(net, x, last)
+        assert len(part) == last + 1 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(part, full))

@@ -50,7 +50,7 @@ from .base import Detector
 __all__ = [
     "QFAEConfig", "num_queries", "vit_network", "feature_network", "EncoderTokens", "GridTokens", "QFormer",
     "Decoder", "QFAEModel", "patchify", "unpatchify", "sincos_2d", "cosine_distance_map", "PerceptualMaps",
-    "perceptual_loss", "mae_loss", "image_score", "pixel_map", "liver_ct_roi", "QFAEDetector",
+    "perceptual_loss", "mae_loss", "features_upto", "image_score", "pixel_map", "liver_ct_roi", "QFAEDetector",
 ]
 
 
@@ -146,6 +146,27 @@ def feature_network(name: str, *, img_size: int, patch_size: int | None = None, 
     if backbones.REGISTRY[name].kind == "cnn":
         return backbones.create(name, pretrained=pretrained)
     return vit_network(name, img_size=img_size, patch_size=patch_size, pretrained=pretrained)
+
+
+def features_upto(net, x: torch.Tensor, last: int) -> list[torch.Tensor]:
+    """``net(x)[: last + 1]`` without running the layers after ``last``.
+
+    The perceptual loss of the smoke profile reads early stages of EfficientNet-Lite0; stopping
+    there skips most of the network's layers in every training step (forward and backward).
+    Networks without timm's EfficientNet stage structure are run whole.
+    """
+    m = net.model
+    if not all(hasattr(m, a) for a in ("conv_stem", "bn1", "blocks", "_stage_out_idx")) or m.feature_hooks is not None:
+        return net(x)[: last + 1]
+    x = m.bn1(m.conv_stem((x - net.mean) / net.std))
+    out = [x] if 0 in m._stage_out_idx else []
+    for i, block in enumerate(m.blocks):
+        if len(out) > last:
+            break
+        x = block(x)
+        if i + 1 in m._stage_out_idx:
+            out.append(x)
+    return out
 
 
 # --------------------------------------------------------------------------- torch_model
@@ -360,9 +381,11 @@ class PerceptualMaps(nn.Module):
             if self.cnn and s != 1:
                 hw = [max(8, round(s * n)) for n in size]
                 a, b = (F.interpolate(t, size=hw, mode="bilinear", align_corners=False, antialias=s < 1) for t in (x, x_hat))
+            last = max(self.layers) if self.cnn else None
+            run = (lambda t: features_upto(net, t, last)) if self.cnn else net
             with torch.no_grad():
-                fa = net(a)
-            fb = net(b)
+                fa = run(a)
+            fb = run(b)
             for i in self.layers:
                 out[(i, s)] = F.interpolate(cosine_distance_map(fa[i], fb[i]), size=size, mode="bilinear",
                                             align_corners=False)
