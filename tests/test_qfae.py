@@ -110,6 +110,7 @@ def test_both_aggregations_on_a_hand_made_map():
     maps[1, 0, 0] = 0.25  # map 2: uniformly 0.25: max 0.25, mean 0.25
     assert Q.image_score(maps, "max_mean").item() == pytest.approx((1.0 + 0.25) / 2)  # Eq. (4)
     assert Q.image_score(maps, "mean_max").item() == pytest.approx(max(1 / 16, 0.25))  # Sec. 8
+    assert Q.image_score(maps, "mean_mean").item() == pytest.approx((1 / 16 + 0.25) / 2)  # Table 2b "mean"
     assert torch.allclose(Q.pixel_map(maps), maps.mean(0))  # Eq. (5)
     assert Q.pixel_map(maps)[0, 0, 0, 0].item() == pytest.approx((1.0 + 0.25) / 2)
     with pytest.raises(ValueError, match="aggregation"):

@@ -20,7 +20,7 @@ way, Eq. (3)–(5) and Sec. 6.3.
                    QFormer             Eq. (1)
                    Decoder             latent tokens B×m×D → B×3×H×W
     anomaly_map  : PerceptualMaps      Eq. (3) per layer, × over scales (Sec. 6.2): L×B×1×H×W
-                   image_score         Eq. (4) "max_mean" (default) or "mean_max" (Sec. 8, RSNA)
+                   image_score         Eq. (4) "max_mean" (default), "mean_mean" (Table 2b) or "mean_max" (Sec. 8, RSNA)
                    pixel_map           Eq. (5)
     loss         : perceptual_loss     Eq. (2) with Sec. 6.2's aggregation
                    mae_loss            mean absolute error (Table 1 rows 1–2, Table 2a)
@@ -91,7 +91,7 @@ class QFAEConfig:
             base = cls(encoder="efficientnet_lite0", encoder_layers=(2, 3, 4), encoder_size=64, dim=128,
                        qformer_heads=4, decoder_dim=128, decoder_depth=2, decoder_heads=4, decoder_extra_tokens=1,
                        perceptual="efficientnet_lite0", perceptual_layers=(1, 2), perceptual_scales=(1.0, 0.5),
-                       score_layers=(1, 2), score_scales=(1.0, 0.5), epochs=40, lr=2e-3, batch_size=32)
+                       score_layers=(1, 2), score_scales=(1.0, 0.5), epochs=20, lr=2e-3, batch_size=8)
         else:
             base = cls()
         return dataclasses.replace(base, **overrides)
@@ -405,15 +405,18 @@ def image_score(maps: torch.Tensor, aggregation: str = "max_mean") -> torch.Tens
     """Image score from per-layer maps L×B×1×H×W → B.
 
     ``"max_mean"``, Eq. (4) / Sec. 6.3: the maximum of each map, averaged over the maps.
+    ``"mean_mean"``: the mean of each map, averaged over the maps (Table 2b's "mean").
     ``"mean_max"``, Sec. 8 (RSNA): the mean of each map, then the maximum over the maps;
     a small bright artefact moves a map's maximum a lot but its mean little.
     """
     flat = maps.flatten(2)  # L×B×(H·W)
     if aggregation == "max_mean":
         return flat.max(dim=2).values.mean(dim=0)
+    if aggregation == "mean_mean":
+        return flat.mean(dim=2).mean(dim=0)
     if aggregation == "mean_max":
         return flat.mean(dim=2).max(dim=0).values
-    raise ValueError(f"aggregation must be 'max_mean' or 'mean_max', got {aggregation!r}")
+    raise ValueError(f"aggregation must be 'max_mean', 'mean_mean' or 'mean_max', got {aggregation!r}")
 
 
 def pixel_map(maps: torch.Tensor) -> torch.Tensor:
@@ -513,9 +516,15 @@ class QFAEDetector(Detector):
             out.append([f.cpu() for f in self._layers(self.encoder(x))])
         return [torch.cat(parts) for parts in zip(*out)]
 
-    def perceptual(self, which: str = "score") -> PerceptualMaps:
-        """The perceptual network with the training (``"train"``) or scoring (``"score"``) layers and scales."""
+    def perceptual(self, which: str = "score", *, image_size: int | None = None) -> PerceptualMaps:
+        """The perceptual network with the training (``"train"``) or scoring (``"score"``) layers and scales.
+
+        Built once, for the training images' size (or ``image_size`` before ``fit``)."""
         c = self.config
+        if image_size is None:
+            if self.image_size is None:
+                raise RuntimeError("qfae: call fit() first, or pass image_size= to perceptual()")
+            image_size = self.image_size[-1]
         layers, scales = (c.perceptual_layers, c.perceptual_scales) if which == "train" else (c.score_layers, c.score_scales)
         attr = "_train_perc" if which == "train" else "_score_perc"
         if getattr(self, attr) is None:
@@ -524,7 +533,7 @@ class QFAEDetector(Detector):
             if self.cnn_encoder and c.perceptual == c.encoder and "cnn" not in shared:
                 shared["cnn"] = self.encoder
             setattr(self, attr, PerceptualMaps(name=c.perceptual, layers=layers, scales=scales,
-                                               image_size=self.image_size[-1], pretrained=self.pretrained,
+                                               image_size=image_size, pretrained=self.pretrained,
                                                nets=shared).to(self.device))
         return getattr(self, attr)
 
