@@ -85,7 +85,7 @@ class MDDConfig:
 
         if get(profile).is_smoke:
             base = cls(backbone="efficientnet_lite0", layers=(1, 2, 3), dim=64, neck_stride=1, memory_items=48,
-                       epochs=10, lr=3e-3, batch_size=32)
+                       synth_per_image=1, epochs=8, lr=3e-3, batch_size=32)
         else:
             base = cls()
         return dataclasses.replace(base, **overrides)
