@@ -34,7 +34,13 @@ def _memmc_mae(profile, overrides):
     return MemMCConfig.for_profile(profile.name, **overrides), MemMCDetector
 
 
-_FACTORIES = {"knn": _knn, "adtr": _adtr, "memmc_mae": _memmc_mae}
+def _mdd_net(profile, overrides):
+    from .mdd_net import MDDConfig, MDDNetDetector
+
+    return MDDConfig.for_profile(profile.name, **overrides), MDDNetDetector
+
+
+_FACTORIES = {"knn": _knn, "adtr": _adtr, "memmc_mae": _memmc_mae, "mdd_net": _mdd_net}
 
 
 def available() -> list[str]:
