@@ -34,7 +34,13 @@ def _memmc_mae(profile, overrides):
     return MemMCConfig.for_profile(profile.name, **overrides), MemMCDetector
 
 
-_FACTORIES = {"knn": _knn, "adtr": _adtr, "memmc_mae": _memmc_mae}
+def _anomem(profile, overrides):
+    from .anomem import AnoMemConfig, AnoMemDetector
+
+    return AnoMemConfig.for_profile(profile.name, **overrides), AnoMemDetector
+
+
+_FACTORIES = {"knn": _knn, "adtr": _adtr, "memmc_mae": _memmc_mae, "anomem": _anomem}
 
 
 def available() -> list[str]:
