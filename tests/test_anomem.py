@@ -146,6 +146,9 @@ def test_stage1_is_repeatable_and_resumes(tmp_path):
     a = A.AnoMemDetector(_tiny(), progress=False).fit(train)
     b = A.AnoMemDetector(_tiny(), progress=False).fit(train)
     assert a.history == b.history
+    before = torch.get_num_threads()
+    A.AnoMemDetector(_tiny(threads=1, epochs=1), progress=False).fit(train)
+    assert torch.get_num_threads() == before  # the thread setting is restored
     ck = tmp_path / "anomem.pt"
     A.AnoMemDetector(_tiny(epochs=1), progress=False).fit(train, checkpoint=ck)
     c = A.AnoMemDetector(_tiny(epochs=2), progress=False).fit(train, checkpoint=ck)
