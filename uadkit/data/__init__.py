@@ -13,6 +13,7 @@ Names
 ``visa/<category>``    VisA with its split CSV
 ``folder/<path>``      any MVTec-style tree (BMAD, Uni-Medical, converted sets)
 ``cifar10/<k>``, ``cifar100/<k>``   one-vs-all from torchvision's on-disk format
+``cub200/<k>``         one-vs-all on CUB-200-2011's 200 bird classes (:mod:`uadkit.data.cub`)
 ``covidx/all``         Covid-X chest X-rays, image labels only (:mod:`uadkit.data.medical`)
 ``hyper-kvasir/all``   Hyper-Kvasir colonoscopy, polyps with masks (:mod:`uadkit.data.medical`)
 
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 SPLITS = ("train", "test")
-_KINDS = ("mini", "digits", "fashion", "mvtec", "visa", "folder", "cifar10", "cifar100", "covidx", "hyper-kvasir")
+_KINDS = ("mini", "digits", "fashion", "mvtec", "visa", "folder", "cifar10", "cifar100", "covidx", "hyper-kvasir", "cub200")
 
 
 def available() -> dict[str, list[str]]:
@@ -69,6 +70,7 @@ def available() -> dict[str, list[str]]:
         "cifar100": [str(k) for k in range(20)],
         "covidx": ["all"],
         "hyper-kvasir": ["all"],
+        "cub200": [str(k) for k in range(200)],
     }
 
 
@@ -124,6 +126,10 @@ def get_dataset(name: str, split: str, *, root=None, image_size: int | None = No
             raise UnknownDataset(f"{kind} has one category, 'all'; got {name!r}")
         load = medical.covidx if kind == "covidx" else medical.hyper_kvasir
         return load(split, root=root, image_size=image_size or 224, **kw)
+    if kind == "cub200":
+        from . import cub
+
+        return cub.cub(_class_index(kind, cat, cub.NUM_CLASSES), split, root=root, image_size=image_size or 224, **kw)
     raise UnknownDataset(f"unknown dataset kind {kind!r} in {name!r}; kinds: {', '.join(_KINDS)}")
 
 

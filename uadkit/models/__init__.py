@@ -40,7 +40,13 @@ def _mdd_net(profile, overrides):
     return MDDConfig.for_profile(profile.name, **overrides), MDDNetDetector
 
 
-_FACTORIES = {"knn": _knn, "adtr": _adtr, "memmc_mae": _memmc_mae, "mdd_net": _mdd_net}
+def _anomem(profile, overrides):
+    from .anomem import AnoMemConfig, AnoMemDetector
+
+    return AnoMemConfig.for_profile(profile.name, **overrides), AnoMemDetector
+
+
+_FACTORIES = {"knn": _knn, "adtr": _adtr, "memmc_mae": _memmc_mae, "anomem": _anomem, "mdd_net": _mdd_net}
 
 
 def available() -> list[str]:
