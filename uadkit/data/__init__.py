@@ -13,6 +13,7 @@ Names
 ``visa/<category>``    VisA with its split CSV
 ``folder/<path>``      any MVTec-style tree (BMAD, Uni-Medical, converted sets)
 ``cifar10/<k>``, ``cifar100/<k>``   one-vs-all from torchvision's on-disk format
+``cub200/<k>``         one-vs-all on CUB-200-2011's 200 bird classes (:mod:`uadkit.data.cub`)
 ``covidx/all``         Covid-X chest X-rays, image labels only (:mod:`uadkit.data.medical`)
 ``hyper-kvasir/all``   Hyper-Kvasir colonoscopy, polyps with masks (:mod:`uadkit.data.medical`)
 ``bmad/<set>``         BMAD: brats2021, liverct, resc (masks), rsna (labels) (:mod:`uadkit.data.medical`)
@@ -52,7 +53,8 @@ __all__ = [
 ]
 
 SPLITS = ("train", "test")
-_KINDS = ("mini", "digits", "fashion", "mvtec", "visa", "folder", "cifar10", "cifar100", "covidx", "hyper-kvasir", "bmad")
+_KINDS = ("mini", "digits", "fashion", "mvtec", "visa", "folder", "cifar10", "cifar100", "covidx", "hyper-kvasir", "bmad",
+          "cub200")
 
 
 def available() -> dict[str, list[str]]:
@@ -71,6 +73,7 @@ def available() -> dict[str, list[str]]:
         "covidx": ["all"],
         "hyper-kvasir": ["all"],
         "bmad": ["brats2021", "liverct", "liverct-roi", "resc", "rsna"],
+        "cub200": [str(k) for k in range(200)],
     }
 
 
@@ -132,6 +135,10 @@ def get_dataset(name: str, split: str, *, root=None, image_size: int | None = No
         if cat not in medical.BMAD_SETS:
             raise UnknownDataset(f"bmad has categories {', '.join(medical.BMAD_SETS)}; got {name!r}")
         return medical.bmad(cat, split, root=root, image_size=image_size or 224, **kw)
+    if kind == "cub200":
+        from . import cub
+
+        return cub.cub(_class_index(kind, cat, cub.NUM_CLASSES), split, root=root, image_size=image_size or 224, **kw)
     raise UnknownDataset(f"unknown dataset kind {kind!r} in {name!r}; kinds: {', '.join(_KINDS)}")
 
 

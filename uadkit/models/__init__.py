@@ -34,13 +34,26 @@ def _memmc_mae(profile, overrides):
     return MemMCConfig.for_profile(profile.name, **overrides), MemMCDetector
 
 
+def _mdd_net(profile, overrides):
+    from .mdd_net import MDDConfig, MDDNetDetector
+
+    return MDDConfig.for_profile(profile.name, **overrides), MDDNetDetector
+
+
+def _anomem(profile, overrides):
+    from .anomem import AnoMemConfig, AnoMemDetector
+
+    return AnoMemConfig.for_profile(profile.name, **overrides), AnoMemDetector
+
+
 def _qfae(profile, overrides):
     from .qfae import QFAEConfig, QFAEDetector
 
     return QFAEConfig.for_profile(profile.name, **overrides), QFAEDetector
 
 
-_FACTORIES = {"knn": _knn, "adtr": _adtr, "memmc_mae": _memmc_mae, "qfae": _qfae}
+_FACTORIES = {"knn": _knn, "adtr": _adtr, "memmc_mae": _memmc_mae, "qfae": _qfae, "anomem": _anomem,
+              "mdd_net": _mdd_net}
 
 
 def available() -> list[str]:

@@ -1,0 +1,170 @@
+"""MDD-Net: the two paths share the teacher not the decoders, L_dist reads the synthetic mask,
+item entropies at their bounds, maps at input resolution, losses by hand, a short multi-class fit."""
+import math
+
+import pytest
+import torch
+
+import uadkit.models
+from uadkit.data import get_dataset, multiclass
+from uadkit.models import mdd_net as M
+
+
+class TinyTeacher(torch.nn.Module):
+    """A stand-in frozen teacher: three stages of strides 4, 8, 16 (channels 4, 6, 8)."""
+
+    channels, strides = [3, 4, 6, 8], [2, 4, 8, 16]
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(a, b, 3, stride=2, padding=1)
+                                         for a, b in zip([3, 3, 4, 6], self.channels))
+        self.requires_grad_(False)
+
+    def forward(self, x):
+        outs = []
+        for conv in self.convs:
+            x = conv(x)
+            outs.append(x)
+        return outs
+
+
+def _model(**kw):
+    cfg = M.MDDConfig(layers=(1, 2, 3), dim=8, memory_items=5, neck_stride=1, **kw)
+    return M.MDDNet(teacher=TinyTeacher(), config=cfg, classes=3)
+
+
+def _grads(module):
+    return [p.grad for p in module.parameters()]
+
+
+def test_paths_share_the_teacher_but_not_the_decoder_weights():
+    model = _model()
+    assert model.restoration is not model.identity
+    r_ids = {id(p) for p in model.restoration.parameters()}
+    assert r_ids.isdisjoint(id(p) for p in model.identity.parameters())
+    seen = []
+    model.teacher.register_forward_hook(lambda mod, a, out: seen.append(out))
+    out = model(torch.rand(2, 3, 32, 32))
+    assert len(seen) == 1  # one teacher pass feeds both paths
+    assert [f.shape for f in out["restoration"]] == [f.shape for f in out["identity"]] == [f.shape for f in out["teacher"]]
+    # L_identity trains the identity decoder (and the shared neck), never the restoration decoder or the memory
+    M.cosine_loss(out["teacher"], model.reproduce(out["teacher"])).backward()
+    assert all(g is None for g in _grads(model.restoration)) and all(g is None for g in _grads(model.memory))
+    assert any(g is not None and g.abs().sum() > 0 for g in _grads(model.identity))
+    assert any(g is not None and g.abs().sum() > 0 for g in _grads(model.neck))
+    model.zero_grad(set_to_none=True)
+    rec, _ = model.restore(out["teacher"])
+    M.cosine_loss(out["teacher"], rec).backward()  # and the restoration loss the other way round
+    assert all(g is None for g in _grads(model.identity))
+    assert any(g is not None and g.abs().sum() > 0 for g in _grads(model.memory))
+    assert all(p.grad is None for p in model.teacher.parameters())  # the teacher is frozen
+
+
+def test_dist_loss_uses_the_synthetic_mask():
+    r = [torch.tensor([[[[1.0, 0.0]]], [[[0.0, 1.0]]]]).reshape(1, 2, 1, 2)]  # 2 channels, 1×2 grid
+    i = [torch.tensor([[[[1.0, 1.0]]], [[[0.0, 0.0]]]]).reshape(1, 2, 1, 2)]
+    # location 0: r = (1, 0), i = (1, 0) → d = 0; location 1: r = (0, 1), i = (1, 0) → d = 1
+    mask_at_1 = torch.tensor([[[[0.0, 1.0]]]])
+    mask_at_0 = torch.tensor([[[[1.0, 0.0]]]])
+    # mask on the disagreeing location: normal part d = 0, anomalous part max(0, 0.5 − 1) = 0
+    assert M.discrepancy_loss(r, i, mask_at_1, margin=0.5).item() == pytest.approx(0.0, abs=1e-6)
+    # mask on the agreeing location: normal part 1, anomalous part max(0, 0.5 − 0) = 0.5
+    assert M.discrepancy_loss(r, i, mask_at_0, margin=0.5).item() == pytest.approx(1.5, abs=1e-6)
+    # no anomaly: only the normal part, the mean distance
+    assert M.discrepancy_loss(r, i, torch.zeros(1, 1, 1, 2), margin=0.5).item() == pytest.approx(0.5, abs=1e-6)
+    # and through mdd_losses: changing only the mask changes the total
+    model = _model()
+    t = model.encode(torch.rand(2, 3, 32, 32))
+    a = model.encode(torch.rand(2, 3, 32, 32))
+    labels = torch.tensor([0, 2])
+    torch.manual_seed(0)
+    one = M.mdd_losses(model, t, labels, a, torch.zeros(2, 1, 32, 32))
+    torch.manual_seed(0)
+    other = M.mdd_losses(model, t, labels, a, torch.ones(2, 1, 32, 32))
+    assert one["rec"] == other["rec"] and one["identity"] == other["identity"]
+    assert one["dist"] != other["dist"] and one["total"] != other["total"]
+
+
+def test_entropy_of_one_hot_and_uniform_items():
+    c = 7
+    assert M.entropy(torch.eye(c)).abs().max().item() == 0.0
+    assert M.entropy(torch.full((3, c), 1 / c)).allclose(torch.full((3,), math.log(c)))
+    # the class distribution of items from address weights, by hand: 2 classes, 3 items, 1×1 grid
+    w = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.0, 0.5, 0.5]]).view(3, 1, 1, 3)
+    p = M.item_class_distribution(w, torch.tensor([0, 1, 1]), 2)
+    assert p.shape == (3, 2)
+    assert p[0].tolist() == [1.0, 0.0] and p[1].tolist() == [0.0, 1.0]  # item 0 only class 0, item 1 only class 1
+    w[0, 0, 0] = torch.tensor([0.0, 0.5, 0.5])  # now both classes use items 1, 2 equally
+    p = M.item_class_distribution(w, torch.tensor([0, 1, 1]), 2)
+    assert p[1].tolist() == [0.5, 0.5] and M.entropy(p[1]).item() == pytest.approx(math.log(2))
+
+
+@pytest.mark.parametrize("signal", ["fused", "restoration", "discrepancy"])
+def test_fused_map_has_input_resolution(signal):
+    model = _model()
+    out = model(torch.rand(2, 3, 48, 32))
+    s = M.fused_map(out, (48, 32), signal=signal)
+    assert s.shape == (2, 1, 48, 32) and (s >= 0).all()
+    assert M.gaussian_blur(s, 1.5).shape == s.shape and M.image_score(s).shape == (2,)
+
+
+def test_fusion_is_the_sum_of_the_two_signals():
+    model = _model()
+    out = model(torch.rand(2, 3, 32, 32))
+    both = M.fused_map(out, (32, 32), signal="fused", weight=0.5)
+    parts = M.fused_map(out, (32, 32), signal="restoration") + 0.5 * M.fused_map(out, (32, 32), signal="discrepancy")
+    assert torch.allclose(both, parts, atol=1e-6)
+
+
+def test_cosine_map_by_hand():
+    a = [torch.tensor([1.0, 0.0]).view(1, 2, 1, 1).expand(1, 2, 2, 2).clone()]
+    b = [a[0].clone()]
+    b[0][0, :, 1, 1] = torch.tensor([0.0, 1.0])  # orthogonal at one cell → distance 1
+    s = M.cosine_map(a, b, (2, 2))
+    assert s[0, 0, 1, 1].item() == pytest.approx(1.0) and s.sum().item() == pytest.approx(1.0)
+    assert M.cosine_loss(a, b).item() == pytest.approx(0.25)
+
+
+def test_ablation_switches():
+    plain = _model(dual=False, memory=False)
+    assert plain.identity is None and plain.memory is None
+    out = plain(torch.rand(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="identity decoder"):
+        M.fused_map(out, (32, 32), signal="discrepancy")
+    losses = M.mdd_losses(plain, out["teacher"], torch.tensor([0]), None, None)
+    assert set(losses) == {"rec", "cls", "total"} and losses["cls"].item() == 0
+    mem = _model(cls_weight=0.0)
+    out = mem(torch.rand(2, 3, 32, 32))
+    assert len(out["logits"]) == 3 and out["logits"][0].shape == (2, 3)
+    losses = M.mdd_losses(mem, out["teacher"], torch.tensor([0, 1]), out["teacher"], torch.zeros(2, 1, 32, 32))
+    assert losses["total"].item() == pytest.approx(
+        (losses["rec"] + losses["restoration"] + losses["identity"] + losses["dist"]).item(), rel=1e-5)
+
+
+def test_short_multiclass_fit_lowers_the_loss_and_resumes(tmp_path):
+    names = ["mini/brick", "mini/grass"]
+    small = dict(n_train=16, n_test=2, n_anomalous=2, image_size=32)  # one cached build per category
+    train = multiclass(names, "train", **small)
+    kw = dict(progress=False, epochs=4, batch_size=8, memory_items=8, dim=16)
+    det = uadkit.models.create("mdd_net", **kw).fit(train, checkpoint=tmp_path / "mdd.pt")
+    assert det.classes == names and det.history[-1] < det.history[0]
+    first = {k: v.clone() for k, v in det.model.state_dict().items()}
+    again = uadkit.models.create("mdd_net", **kw).fit(train, checkpoint=tmp_path / "mdd.pt")
+    assert all(torch.equal(v, first[k]) for k, v in again.model.state_dict().items())
+    scores, maps = det.predict(get_dataset("mini/brick", "test", **small))
+    assert scores.shape == (4,) and maps.shape == (4, 1, 32, 32)
+
+
+def test_paper_profile_settings():
+    cfg = M.MDDConfig.for_profile("paper")
+    assert cfg.backbone == "wide_resnet50_2" and cfg.layers == (1, 2, 3) and cfg.neck_stride == 2
+    assert M.MDDConfig.for_profile("smoke").backbone == "efficientnet_lite0"
+    # the paper profile builds WRN50 at random weights on a 64-px image (no download needed)
+    det = uadkit.models.create("mdd_net", profile="paper", device="cpu", pretrained=False, dim=16,
+                               memory_items=4, progress=False)
+    model = M.MDDNet(teacher=det.teacher, config=det.config, classes=2)
+    out = model(torch.rand(1, 3, 64, 64))
+    assert [f.shape[1] for f in out["teacher"]] == [256, 512, 1024]
+    assert M.fused_map(out, (64, 64)).shape == (1, 1, 64, 64)

@@ -1,0 +1,422 @@
+"""MDD-Net: Memory-augmented Dual-Decoder Networks for multi-class anomaly detection (Xing et al.).
+
+One model for all categories. It starts from reverse distillation (RD4AD): a frozen
+teacher T turns an image into multi-scale features, a trainable *neck* squeezes them
+into one bottleneck, and a *student decoder* must rebuild the teacher's features from
+it; the cosine distance between the two, per scale, is the anomaly map. MDD-Net adds
+
+* a **restoration decoder** R that, fed the teacher features of a *synthetically
+  corrupted* image, must output the features of the clean image (anomalies removed),
+* an **identity decoder** I that reconstructs the corrupted features as they are,
+* a **class-aware memory module** (CMM) between teacher and neck on the restoration
+  path: learnable normal prototypes read by attention, with a classification loss
+  that makes the items class-discriminative.
+
+    torch_model  : MDDNet                      images → teacher, restoration and identity features
+                   ClassAwareMemory            CMM: attention read over learnable items, class logits
+                   Neck, Decoder               RD4AD's bottleneck and mirrored student decoder
+    anomaly_map  : cosine_map                  1 − cos per location and scale, upsampled and summed
+                   fused_map                   restoration signal + decoder-discrepancy signal
+    loss         : cosine_loss                 L_rec, L_restoration, L_identity
+                   class_loss                  L_cls
+                   discrepancy_loss            L_dist, supervised by the synthetic mask
+                   mdd_losses                  the five training steps of the paper's Figure 2
+    analysis     : item_class_distribution,    the class distribution of every memory item and its
+                   entropy                     entropy (the paper's Figure 5)
+
+The paper text we have is a summary without equations or code; every choice it leaves
+open is listed in the chapter's reimplementation notes. Ablation switches (config):
+``dual=False`` (one decoder trained on normal images: plain RD4AD), ``memory=False``,
+``cls_weight=0`` (memory without class loss), and ``signal`` ("fused", "restoration",
+"discrepancy") choosing the inference map.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import backbones, synth, train
+from ..backbones import resize_aligned
+from .base import Detector
+
+__all__ = [
+    "MDDConfig", "ClassAwareMemory", "Neck", "Decoder", "MDDNet",
+    "cosine_distance", "cosine_map", "fused_map", "image_score",
+    "cosine_loss", "class_loss", "discrepancy_loss", "mdd_losses",
+    "item_class_distribution", "entropy", "MDDNetDetector",
+]
+
+
+# --------------------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class MDDConfig:
+    """MDD-Net's settings; ``MDDConfig.for_profile("paper")`` gives the paper's (as far as it states them)."""
+
+    backbone: str = "wide_resnet50_2"
+    layers: tuple[int, ...] = (1, 2, 3)  # teacher stages read: WRN50 layer1–3 (RD4AD), strides 4, 8, 16
+    dim: int = 256  # width of the neck and decoder blocks
+    neck_stride: int = 2  # RD4AD's bottleneck halves the coarsest teacher grid once more
+    dual: bool = True  # False: one decoder trained on normal images only (plain RD4AD)
+    memory: bool = True  # the class-aware memory module on the restoration path
+    memory_items: int = 200  # items per teacher scale
+    temperature: float = 0.1  # softmax temperature of the cosine addressing
+    cls_weight: float = 0.1  # weight of L_cls (0: memory without class loss)
+    dist_weight: float = 1.0  # weight of L_dist
+    dist_margin: float = 0.5  # cosine-distance margin L_dist asks for inside the synthetic mask
+    dist_detach_identity: bool = False  # True: L_dist moves the restoration path only (I's output detached)
+    shared_neck: bool = True  # False: the identity path has its own neck
+    signal: str = "fused"  # inference map: "fused", "restoration" or "discrepancy"
+    fusion_weight: float = 1.0  # s = s_restoration + fusion_weight · s_discrepancy
+    synth_per_image: int = 2  # synthetic anomalous versions made of every training image
+    smooth_sigma: float = 4.0  # Gaussian smoothing of the map, in pixels of a 256-px image (RD4AD)
+    epochs: int = 200
+    lr: float = 5e-3
+    batch_size: int = 16
+
+    @classmethod
+    def for_profile(cls, profile: str = "smoke", **overrides) -> "MDDConfig":
+        from ..profiles import get
+
+        if get(profile).is_smoke:
+            base = cls(backbone="efficientnet_lite0", layers=(1, 2, 3), dim=64, neck_stride=1, memory_items=48,
+                       synth_per_image=1, epochs=8, lr=3e-3, batch_size=32)
+        else:
+            base = cls()
+        return dataclasses.replace(base, **overrides)
+
+
+# --------------------------------------------------------------------------- torch model
+
+def conv_bn(c_in: int, c_out: int, *, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))
+
+
+class ClassAwareMemory(nn.Module):
+    """CMM at one teacher scale: ``items`` learnable prototypes m_j ∈ R^C.
+
+    Addressing (cosine attention): w_u = softmax_j(cos(z_u, m_j) / τ) for every location u;
+    read: ẑ_u = Σ_j w_uj m_j, which *replaces* z_u, so whatever reaches the neck is a mix
+    of stored normal patterns. Class logits for L_cls: a linear map of the image's mean
+    address vector w̄ = mean_u w_u (B×items → B×classes): to predict the category, images
+    of different categories must address different items.
+    """
+
+    def __init__(self, *, channels: int, items: int, classes: int, temperature: float):
+        super().__init__()
+        self.items = nn.Parameter(torch.randn(items, channels) * 0.1)  # N×C
+        self.classifier = nn.Linear(items, classes)
+        self.temperature = temperature
+
+    @torch.no_grad()
+    def init_from(self, feats: torch.Tensor, generator: torch.Generator) -> None:
+        """Start the items at randomly drawn feature vectors of feats B×C×h×w (faster than noise)."""
+        vectors = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+        pick = torch.randperm(len(vectors), generator=generator)[:len(self.items)]
+        self.items[:len(pick)] = vectors[pick].to(self.items)
+
+    def address(self, z: torch.Tensor) -> torch.Tensor:
+        """z B×C×h×w → attention weights B×h×w×N (each row sums to 1)."""
+        zn = F.normalize(z.permute(0, 2, 3, 1), dim=-1)  # B×h×w×C
+        return torch.softmax(zn @ F.normalize(self.items, dim=-1).T / self.temperature, dim=-1)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z B×C×h×w → (read B×C×h×w, weights B×h×w×N, class logits B×classes)."""
+        w = self.address(z)
+        read = (w @ self.items).permute(0, 3, 1, 2)
+        return read, w, self.classifier(w.mean(dim=(1, 2)))
+
+
+class Neck(nn.Module):
+    """RD4AD's one-class bottleneck: every teacher scale is brought to the coarsest grid by
+    stride-2 convolutions, the scales are concatenated, fused by a 1×1 conv and a 3×3 conv
+    of stride ``neck_stride``: list of B×C_k×h_k×w_k → B×D×h×w."""
+
+    def __init__(self, *, channels: list[int], strides: list[int], dim: int, neck_stride: int):
+        super().__init__()
+        top = max(strides)
+        self.down = nn.ModuleList(
+            nn.Sequential(*[conv_bn(c if i == 0 else dim, dim, stride=2) for i in range(int(math.log2(top // s)))])
+            if s < top else conv_bn(c, dim) for c, s in zip(channels, strides))
+        self.fuse = nn.Sequential(nn.Conv2d(dim * len(channels), dim, 1, bias=False), nn.BatchNorm2d(dim),
+                                  nn.ReLU(inplace=True), conv_bn(dim, dim, stride=neck_stride))
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        return self.fuse(torch.cat([down(f) for down, f in zip(self.down, feats)], dim=1))
+
+
+class Decoder(nn.Module):
+    """The student: mirrors the teacher from the bottleneck up, B×D×h×w → list of B×C_k×h_k×w_k
+    in the teacher's order (fine to coarse). Each stage: ×2 transposed conv (where the grid
+    grows), two 3×3 conv blocks, a 1×1 head to the teacher's width C_k."""
+
+    def __init__(self, *, channels: list[int], dim: int, neck_stride: int):
+        super().__init__()
+        n = len(channels)
+        self.up = nn.ModuleList(
+            nn.ConvTranspose2d(dim, dim, 2, stride=2) if (k < n - 1 or neck_stride > 1) else nn.Identity()
+            for k in range(n))  # up[k] leads into scale k; scale n−1 (coarsest) is the bottleneck's own grid
+        self.blocks = nn.ModuleList(nn.Sequential(conv_bn(dim, dim), conv_bn(dim, dim)) for _ in range(n))
+        self.heads = nn.ModuleList(nn.Conv2d(dim, c, 1) for c in channels)
+
+    def forward(self, z: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        for k in reversed(range(len(self.heads))):  # coarse → fine
+            z = self.blocks[k](self.up[k](z))
+            outs.append(self.heads[k](z))
+        return outs[::-1]
+
+
+class MDDNet(nn.Module):
+    """Frozen teacher, optional CMM, shared neck, restoration decoder R and (``dual``) identity decoder I.
+
+    restoration path : T(x) → CMM → neck → R      (the RD4AD student when ``dual=False``)
+    identity path    : T(x) → neck → I            (no memory: it must keep anomalies as they are)
+    """
+
+    def __init__(self, *, teacher: nn.Module, config: MDDConfig, classes: int):
+        super().__init__()
+        self.teacher, self.config = teacher, config
+        self.channels = [teacher.channels[i] for i in config.layers]
+        strides = [teacher.strides[i] for i in config.layers]
+        self.memory = nn.ModuleList(
+            ClassAwareMemory(channels=c, items=config.memory_items, classes=classes, temperature=config.temperature)
+            for c in self.channels) if config.memory else None
+        self.neck = Neck(channels=self.channels, strides=strides, dim=config.dim, neck_stride=config.neck_stride)
+        kw = dict(channels=self.channels, dim=config.dim, neck_stride=config.neck_stride)
+        self.restoration = Decoder(**kw)
+        self.identity = Decoder(**kw) if config.dual else None
+        self.identity_neck = (Neck(channels=self.channels, strides=strides, dim=config.dim,
+                                   neck_stride=config.neck_stride) if config.dual and not config.shared_neck else None)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Teacher features at the configured scales, B×3×H×W → list of B×C_k×h_k×w_k."""
+        feats = self.teacher(images)
+        return [feats[i] for i in self.config.layers]
+
+    def read_memory(self, feats: list[torch.Tensor]):
+        """CMM on every scale: (read features, weights per scale, class logits per scale); identity without memory."""
+        if self.memory is None:
+            return feats, [], []
+        out = [mem(f) for mem, f in zip(self.memory, feats)]
+        return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
+
+    def restore(self, feats: list[torch.Tensor]):
+        """Restoration path: features → (R's features, class logits per scale)."""
+        read, _, logits = self.read_memory(feats)
+        return self.restoration(self.neck(read)), logits
+
+    def reproduce(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Identity path: features → I's features (the neck is shared, the decoder is not)."""
+        if self.identity is None:
+            raise RuntimeError("this MDDNet has one decoder (dual=False): no identity path")
+        return self.identity((self.identity_neck or self.neck)(feats))
+
+    def forward(self, images: torch.Tensor) -> dict:
+        t = self.encode(images)
+        r, logits = self.restore(t)
+        return {"teacher": t, "restoration": r, "identity": self.reproduce(t) if self.identity is not None else None,
+                "logits": logits}
+
+
+# --------------------------------------------------------------------------- anomaly map and score
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """1 − cos(a_u, b_u) over channels at every location: B×C×h×w → B×1×h×w, in [0, 2]."""
+    return 1 - F.cosine_similarity(a, b, dim=1).unsqueeze(1)
+
+
+def cosine_map(a: list[torch.Tensor], b: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """RD4AD's map: Σ_k up(1 − cos(a^k, b^k)), each scale upsampled to the input size: B×1×H×W."""
+    return sum(resize_aligned(cosine_distance(x, y), size) for x, y in zip(a, b))
+
+
+def fused_map(out: dict, size: tuple[int, int], *, signal: str = "fused", weight: float = 1.0) -> torch.Tensor:
+    """The two discrepancy signals of MDD-Net and their fusion, B×1×H×W:
+    s_res = Σ_k (1 − cos(T^k, R^k)) (teacher vs restoration decoder),
+    s_dis = Σ_k (1 − cos(R^k, I^k)) (restoration vs identity decoder),
+    s = s_res + weight · s_dis."""
+    if signal not in ("fused", "restoration", "discrepancy"):
+        raise ValueError(f"signal must be 'fused', 'restoration' or 'discrepancy', got {signal!r}")
+    s = 0
+    if signal in ("fused", "restoration"):
+        s = s + cosine_map(out["teacher"], out["restoration"], size)
+    if signal in ("fused", "discrepancy"):
+        if out["identity"] is None:
+            raise ValueError("the discrepancy signal needs the identity decoder (dual=True)")
+        s = s + (weight if signal == "fused" else 1.0) * cosine_map(out["restoration"], out["identity"], size)
+    return s
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of B×1×H×W maps (RD4AD smooths with σ = 4 at 256 px)."""
+    if sigma <= 0:
+        return maps
+    r = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-r, r + 1, dtype=maps.dtype, device=maps.device)
+    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    maps = F.conv2d(F.pad(maps, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(maps, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+
+
+def image_score(maps: torch.Tensor) -> torch.Tensor:
+    """The maximum of the (smoothed) map, B×1×H×W → B."""
+    return maps.flatten(1).max(dim=1).values
+
+
+# --------------------------------------------------------------------------- losses
+
+def cosine_loss(target: list[torch.Tensor], pred: list[torch.Tensor]) -> torch.Tensor:
+    """RD4AD's loss, used for L_rec, L_restoration and L_identity: Σ_k mean_u (1 − cos(t^k_u, p^k_u))."""
+    return sum(cosine_distance(t, p).mean() for t, p in zip(target, pred))
+
+
+def class_loss(logits: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """L_cls: cross-entropy of every scale's memory class logits against the image's category."""
+    if not logits:
+        return labels.new_zeros((), dtype=torch.float32)
+    return sum(F.cross_entropy(lg, labels) for lg in logits) / len(logits)
+
+
+def discrepancy_loss(restored: list[torch.Tensor], identity: list[torch.Tensor], mask: torch.Tensor,
+                     margin: float) -> torch.Tensor:
+    """L_dist, supervised by the synthetic mask M (B×1×H×W): at every scale, with m = M average-pooled to
+    the scale's grid and d = 1 − cos(R, I),
+        Σ_k [ Σ_u (1 − m_u) d_u / Σ_u (1 − m_u)  +  Σ_u m_u · max(0, margin − d_u) / Σ_u m_u ]:
+    the decoders agree on normal locations and disagree by at least ``margin`` inside the anomaly."""
+    total = 0
+    for r, i in zip(restored, identity):
+        d = cosine_distance(r, i)
+        m = F.adaptive_avg_pool2d(mask, d.shape[-2:])
+        normal = ((1 - m) * d).sum() / (1 - m).sum().clamp(min=1e-6)
+        anomalous = (m * F.relu(margin - d)).sum() / m.sum().clamp(min=1e-6)
+        total = total + normal + anomalous
+    return total
+
+
+def mdd_losses(model: MDDNet, normal: list[torch.Tensor], labels: torch.Tensor, anomalous: list[torch.Tensor] | None,
+               mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The five steps of Figure 2, on precomputed teacher features.
+
+    1. normality reconstruction: T(x) → CMM → neck → R;  L_rec = cos loss(T(x), R), L_cls on the memory
+    2–3. anomaly synthesis and feature extraction: done before, ``anomalous`` = T(x̃), ``mask`` = M
+    4. restoration: T(x̃) → CMM → neck → R;  L_restoration = cos loss(T(x), R(x̃))
+    5. identity:    T(x̃) → neck → I;        L_identity = cos loss(T(x̃), I(x̃)),  L_dist(R(x̃), I(x̃), M)
+    With ``dual=False`` only step 1 runs (plain RD4AD, plus the memory if it is on).
+    """
+    c = model.config
+    rec, logits = model.restore(normal)
+    out = {"rec": cosine_loss(normal, rec), "cls": class_loss(logits, labels)}
+    if c.dual:
+        restored, logits_a = model.restore(anomalous)
+        identity = model.reproduce(anomalous)
+        out["restoration"] = cosine_loss(normal, restored)
+        out["identity"] = cosine_loss(anomalous, identity)
+        target = [f.detach() for f in identity] if c.dist_detach_identity else identity
+        out["dist"] = discrepancy_loss(restored, target, mask, c.dist_margin)
+    out["total"] = (out["rec"] + c.cls_weight * out["cls"] + out.get("restoration", 0) + out.get("identity", 0)
+                    + c.dist_weight * out.get("dist", 0))
+    return out
+
+
+# --------------------------------------------------------------------------- memory analysis (Figure 5)
+
+@torch.no_grad()
+def item_class_distribution(weights: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """The class distribution of every memory item, N_items×classes.
+
+    ``weights`` B×h×w×N are the address weights w_uj of B images, ``labels`` their classes.
+    a_cj = mean over the images x of class c of Σ_u w_uj(x)  (the attention mass item j gets
+    from an average image of class c), then p(c | j) = a_cj / Σ_c' a_c'j. Averaging per class
+    first keeps a class with more images from looking more probable.
+    """
+    mass = weights.flatten(1, 2).sum(1)  # B×N
+    per_class = torch.stack([mass[labels == k].mean(0) if (labels == k).any() else torch.zeros_like(mass[0])
+                             for k in range(classes)])  # classes×N
+    return (per_class / per_class.sum(0, keepdim=True).clamp(min=1e-12)).T
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats along the last axis: H(p) = −Σ_c p_c log p_c (0 log 0 = 0); 0 ≤ H ≤ log C."""
+    return -(p * torch.log(p.clamp(min=1e-30))).sum(-1)
+
+
+# --------------------------------------------------------------------------- the detector interface
+
+class MDDNetDetector(Detector):
+    """MDD-Net behind the book's interface. ``fit`` takes the normal images of *all* categories at once
+    (``uadkit.data.multiclass``); every item's ``category`` is its class for L_cls."""
+
+    name = "mdd_net"
+
+    def __init__(self, config: MDDConfig | None = None, *, pretrained: bool = True, **kw):
+        super().__init__(**kw)
+        self.config = c = config or MDDConfig()
+        self.teacher = backbones.create(c.backbone, pretrained=pretrained).to(self.device)
+        self.model: MDDNet | None = None
+        self.classes: list[str] = []
+        self.history: list[float] = []
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Teacher features of N×3×H×W images in batches, on the CPU."""
+        parts = [[f.cpu() for f in self.model.encode(images[i:i + self.batch_size].to(self.device))]
+                 for i in range(0, len(images), self.batch_size)]
+        return [torch.cat(p) for p in zip(*parts)]
+
+    def synthesize(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 2: DRAEM-style Perlin anomalies on every image (``synth.perlin_anomaly``): N×3×H×W, N×1×H×W."""
+        pairs = [synth.perlin_anomaly(x, generator=generator) for x in images]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+    def _fit(self, train_loader, checkpoint=None) -> None:
+        c = self.config
+        batches = list(train_loader)
+        images = torch.cat([b["image"] for b in batches])
+        cats = [cat for b in batches for cat in b["category"]]
+        self.classes = sorted(set(cats))
+        labels = torch.tensor([self.classes.index(cat) for cat in cats])
+        torch.manual_seed(self.seed)
+        self.model = MDDNet(teacher=self.teacher, config=c, classes=len(self.classes)).to(self.device)
+        g = torch.Generator().manual_seed(self.seed)
+        normal = self.features(images)
+        if self.model.memory is not None:
+            for mem, f in zip(self.model.memory, normal):
+                mem.init_from(f, g)
+        k = c.synth_per_image if c.dual else 1
+        tensors = [torch.cat([f] * k) for f in normal] + [labels.repeat(k)]
+        if c.dual:
+            bad, masks = self.synthesize(images.repeat(k, 1, 1, 1), g)
+            tensors += self.features(bad) + [masks]
+        n = len(self.model.channels)
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*tensors), batch_size=c.batch_size,
+                                           shuffle=True, generator=torch.Generator().manual_seed(self.seed))
+
+        def loss_fn(model, b):
+            anomalous, mask = (list(b[n + 1:2 * n + 1]), b[2 * n + 1]) if c.dual else (None, None)
+            return mdd_losses(model, list(b[:n]), b[n], anomalous, mask)["total"]
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=c.lr, betas=(0.5, 0.999))  # RD4AD's optimiser
+        self.history = train.fit(self.model, loss_fn, data, epochs=c.epochs, optimizer=opt, device=self.device,
+                                 checkpoint=checkpoint, desc="MDD-Net" if c.dual else "RD", progress=self.progress)
+
+    def maps(self, images: torch.Tensor, *, signal: str | None = None) -> torch.Tensor:
+        """Smoothed anomaly maps B×1×H×W of one signal ("fused", "restoration", "discrepancy")."""
+        c = self.config
+        out = self.model(images)
+        signal = signal or (c.signal if c.dual else "restoration")
+        s = fused_map(out, images.shape[-2:], signal=signal, weight=c.fusion_weight)
+        return gaussian_blur(s, c.smooth_sigma * images.shape[-1] / 256)
+
+    def _predict_batch(self, images):
+        maps = self.maps(images)
+        return image_score(maps), maps
