@@ -288,3 +288,15 @@ def test_features_upto_matches_the_whole_network():
     for last in range(len(full)):
         part = Q.features_upto(net, x, last)
         assert len(part) == last + 1 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(part, full))
+
+
+def test_position_codes():
+    pos = Q.sincos_2d(16, 4, 4)
+    assert pos.shape == (16, 16) and len({tuple(r.tolist()) for r in pos}) == 16  # every cell distinct
+    assert torch.equal(pos[0], torch.tensor([0.0] * 4 + [1.0] * 4 + [0.0] * 4 + [1.0] * 4))  # (0, 0): sin 0, cos 0
+    fine, coarse = Q._image_frame_sincos(16, 4, 4), Q._image_frame_sincos(16, 2, 2)
+    # the 2×2 map's top-left cell covers the 4×4 map's four top-left cells: its code sits at their centre
+    assert torch.allclose(coarse[0], Q._sincos(16, torch.tensor([8.0]), torch.tensor([8.0]))[0])
+    assert not torch.allclose(fine[0], coarse[0])
+    with pytest.raises(ValueError, match="multiple of 4"):
+        Q.sincos_2d(6, 2, 2)

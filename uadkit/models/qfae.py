@@ -171,17 +171,22 @@ def features_upto(net, x: torch.Tensor, last: int) -> list[torch.Tensor]:
 
 # --------------------------------------------------------------------------- torch_model
 
-def sincos_2d(dim: int, h: int, w: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embedding (MAE's), (h·w)×dim; positions in cell units of the grid."""
+def _sincos(dim: int, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """MAE's 2-D sine-cosine code of positions (ys, xs), each of length n: n×dim, half for each axis."""
     if dim % 4:
         raise ValueError("dim must be a multiple of 4")
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
     out = []
-    for pos in (ys.reshape(-1), xs.reshape(-1)):
+    for pos in (ys, xs):
         t = pos[:, None] * omega[None]
         out += [t.sin(), t.cos()]
     return torch.cat(out, dim=1)
+
+
+def sincos_2d(dim: int, h: int, w: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding (MAE's), (h·w)×dim; positions in cell units of the grid."""
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    return _sincos(dim, ys.reshape(-1), xs.reshape(-1))
 
 
 def _image_frame_sincos(dim: int, h: int, w: int, grid: int = 32) -> torch.Tensor:
@@ -190,12 +195,7 @@ def _image_frame_sincos(dim: int, h: int, w: int, grid: int = 32) -> torch.Tenso
     ys = (torch.arange(h, dtype=torch.float32) + 0.5) * grid / h
     xs = (torch.arange(w, dtype=torch.float32) + 0.5) * grid / w
     ys, xs = torch.meshgrid(ys, xs, indexing="ij")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
-    out = []
-    for pos in (ys.reshape(-1), xs.reshape(-1)):
-        t = pos[:, None] * omega[None]
-        out += [t.sin(), t.cos()]
-    return torch.cat(out, dim=1)
+    return _sincos(dim, ys.reshape(-1), xs.reshape(-1))
 
 
 class EncoderTokens(nn.Module):
