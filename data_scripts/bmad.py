@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's uadkit, for --liver-roi
 from _fetch import MARKER, parser  # noqa: E402
 
 MANUAL = "https://github.com/DorisBao/BMAD"
