@@ -85,11 +85,11 @@ class AnoMemConfig:
         from ..profiles import get
 
         if get(profile).is_smoke:  # 16-px digits: a narrow ResNet-18, small memories, seconds of CPU
-            base = cls(depth=18, width=8, image_size=16, memory_sizes=(32, 16), epochs=60, batch_size=256,
+            base = cls(depth=18, width=8, image_size=16, memory_sizes=(32, 16), epochs=45, batch_size=256,
                        lr=0.1, stage2_epochs=150, stage2_lr=0.05, hidden=32, crop_scale=(0.5, 1.0),
                        flip=False, blur=False, threads=1)
             # threads=1: this small training is chaotic; a different thread count changes float sums in the
-            # convolutions and, after 60 steps, the AUROCs by tens of points. One thread gives the same
+            # convolutions and, after 45 steps, the AUROCs by tens of points. One thread gives the same
             # numbers on every machine (and is no slower for 16-px images).
         else:
             base = cls()
