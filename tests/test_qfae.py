@@ -21,7 +21,7 @@ def _tiny(**kw):
     base = dict(encoder="efficientnet_lite0", encoder_layers=(2, 3), encoder_size=32, dim=32, qformer_heads=2,
                 decoder_dim=32, decoder_depth=1, decoder_heads=2, decoder_extra_tokens=1, patch=8,
                 perceptual="efficientnet_lite0", perceptual_layers=(1, 2), perceptual_scales=(1.0, 0.5),
-                score_layers=(1, 2), score_scales=(1.0, 0.5), epochs=2, batch_size=8, lr=1e-3)
+                score_layers=(1, 2), score_scales=(1.0, 0.5), epochs=2, batch_size=8, lr=1e-3, augment=False)
     return Q.QFAEConfig(**{**base, **kw})
 
 
@@ -300,3 +300,18 @@ def test_position_codes():
     assert not torch.allclose(fine[0], coarse[0])
     with pytest.raises(ValueError, match="multiple of 4"):
         Q.sincos_2d(6, 2, 2)
+
+
+def test_augmentation_and_the_combined_loss():
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 32, 32)
+    a = Q.QFAEDetector.augment(x)
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1 and not torch.equal(a, x)
+    det = uadkit.models.create("qfae", progress=False, **dataclasses.asdict(_tiny(loss="mae+perceptual")))
+    x_hat = torch.rand(4, 3, 32, 32)
+    perc = Q.perceptual_loss(det.perceptual("train", image_size=32)(x, x_hat))
+    expected = (Q.mae_loss(x, x_hat) + 2 * perc) / 3  # the mean of the MAE and the two per-layer terms
+    assert torch.allclose(det._loss(x, x_hat), expected)
+    train = get_dataset("mini/phantom", "train", n_train=8, image_size=32)
+    aug = uadkit.models.create("qfae", progress=False, **dataclasses.asdict(_tiny(augment=True)))
+    assert len(aug.fit(train).history) == 2  # the augmented path encodes every batch

@@ -81,7 +81,9 @@ class QFAEConfig:
     aggregation: str = "max_mean"  # Eq. (4): mean over maps of each map's max; "mean_max" for RSNA (Sec. 8)
     epochs: int = 300
     lr: float = 8e-5  # the peak of OneCycleLR
+    pct_start: float = 0.15  # OneCycleLR warm-up share (public code)
     batch_size: int = 64
+    augment: bool = True  # Sec. 6.4 augmentations; the encoder then runs on every batch
 
     @classmethod
     def for_profile(cls, profile: str = "smoke", **overrides) -> "QFAEConfig":
@@ -91,7 +93,8 @@ class QFAEConfig:
             base = cls(encoder="efficientnet_lite0", encoder_layers=(2, 3, 4), encoder_size=64, dim=128,
                        qformer_heads=4, decoder_dim=128, decoder_depth=2, decoder_heads=4, decoder_extra_tokens=1,
                        perceptual="efficientnet_lite0", perceptual_layers=(1, 2), perceptual_scales=(1.0, 0.5),
-                       score_layers=(1, 2), score_scales=(1.0, 0.5), epochs=20, lr=2e-3, batch_size=8)
+                       score_layers=(1, 2), score_scales=(1.0, 0.5), epochs=20, lr=2e-3, batch_size=8,
+                       augment=False)  # no augmentation: the encoder's tokens are computed once
         else:
             base = cls()
         return dataclasses.replace(base, **overrides)
@@ -505,36 +508,48 @@ class QFAEDetector(Detector):
         return [feats[i] for i in self.config.encoder_layers]
 
     @torch.no_grad()
+    def _encode_batch(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The chosen encoder layers of one batch B×3×H×W, on its device (the encoder sees ``encoder_size``)."""
+        size = self.config.encoder_size
+        if x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return self._layers(self.encoder(x))
+
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The chosen encoder layers of images N×3×H×W (batched, on the CPU): a list of N×C_i×h_i×w_i."""
-        size = self.config.encoder_size
-        out = []
-        for i in range(0, len(images), self.batch_size):
-            x = images[i:i + self.batch_size].to(self.device)
-            if x.shape[-1] != size:
-                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-            out.append([f.cpu() for f in self._layers(self.encoder(x))])
+        out = [[f.cpu() for f in self._encode_batch(images[i:i + self.batch_size].to(self.device))]
+               for i in range(0, len(images), self.batch_size)]
         return [torch.cat(parts) for parts in zip(*out)]
+
+    @staticmethod
+    def augment(x: torch.Tensor) -> torch.Tensor:
+        """Sec. 6.4, per image: random resized crop (90–100 % of the area, aspect 0.8–1.2), rotation
+        within ±10°, vertical flip (p = 0.5), brightness and contrast jitter of up to 0.1."""
+        from torchvision.transforms import v2
+
+        t = v2.Compose([v2.RandomResizedCrop(x.shape[-2:], scale=(0.9, 1.0), ratio=(0.8, 1.2), antialias=True),
+                        v2.RandomRotation(10), v2.RandomVerticalFlip(0.5), v2.ColorJitter(brightness=0.1, contrast=0.1)])
+        return torch.stack([t(img) for img in x]).clamp(0, 1)
 
     def perceptual(self, which: str = "score", *, image_size: int | None = None) -> PerceptualMaps:
         """The perceptual network with the training (``"train"``) or scoring (``"score"``) layers and scales.
 
         Built once, for the training images' size (or ``image_size`` before ``fit``)."""
         c = self.config
+        attr = "_train_perc" if which == "train" else "_score_perc"
+        if getattr(self, attr) is not None:
+            return getattr(self, attr)
         if image_size is None:
             if self.image_size is None:
                 raise RuntimeError("qfae: call fit() first, or pass image_size= to perceptual()")
             image_size = self.image_size[-1]
         layers, scales = (c.perceptual_layers, c.perceptual_scales) if which == "train" else (c.score_layers, c.score_scales)
-        attr = "_train_perc" if which == "train" else "_score_perc"
-        if getattr(self, attr) is None:
-            other = self._score_perc if which == "train" else self._train_perc
-            shared = dict(other.nets) if other is not None else {}  # frozen networks are built once
-            if self.cnn_encoder and c.perceptual == c.encoder and "cnn" not in shared:
-                shared["cnn"] = self.encoder
-            setattr(self, attr, PerceptualMaps(name=c.perceptual, layers=layers, scales=scales,
-                                               image_size=image_size, pretrained=self.pretrained,
-                                               nets=shared).to(self.device))
+        other = self._score_perc if which == "train" else self._train_perc
+        shared = dict(other.nets) if other is not None else {}  # frozen networks are built once
+        if self.cnn_encoder and c.perceptual == c.encoder and "cnn" not in shared:
+            shared["cnn"] = self.encoder
+        setattr(self, attr, PerceptualMaps(name=c.perceptual, layers=layers, scales=scales, image_size=image_size,
+                                           pretrained=self.pretrained, nets=shared).to(self.device))
         return getattr(self, attr)
 
     # -- training
@@ -544,24 +559,38 @@ class QFAEDetector(Detector):
             return mae_loss(x, x_hat)
         if kind == "perceptual":
             return perceptual_loss(self.perceptual("train")(x, x_hat))
-        if kind == "mae+perceptual":
-            return mae_loss(x, x_hat) + perceptual_loss(self.perceptual("train")(x, x_hat))
+        if kind == "mae+perceptual":  # as the public code: the mean of the MAE and the L per-layer terms
+            n = len(self.config.perceptual_layers)
+            return (mae_loss(x, x_hat) + n * perceptual_loss(self.perceptual("train")(x, x_hat))) / (n + 1)
         raise ValueError(f"loss must be 'mae', 'perceptual' or 'mae+perceptual', got {kind!r}")
 
     def _fit(self, train_loader, checkpoint=None) -> None:
         c = self.config
         torch.manual_seed(self.seed)
         images = torch.cat([b["image"] for b in train_loader])
-        feats = self.encode(images)  # the encoder is frozen: its tokens are computed once
+        if c.augment:  # every batch is augmented, then encoded
+            feats = self.encode(images[:2])  # only to size the model
+            tensors = (images,)
+            loss = lambda m, b: self._step(m, self.augment(b[0]))  # noqa: E731
+        else:  # the encoder is frozen: its tokens are computed once
+            feats = self.encode(images)
+            tensors = (images, *feats)
+            loss = lambda m, b: self._loss(b[0], m(b[1:]))  # noqa: E731
         self.model = QFAEModel(channels=[f.shape[1] for f in feats], image_size=images.shape[-1], config=c,
                                cnn_encoder=self.cnn_encoder).to(self.device)
-        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, *feats), batch_size=c.batch_size,
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*tensors), batch_size=c.batch_size,
                                            shuffle=True, generator=torch.Generator().manual_seed(self.seed))
         opt = torch.optim.Adam(self.model.parameters(), lr=c.lr)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=max(2, c.epochs))  # stepped per epoch
-        self.history = train.fit(self.model, lambda m, b: self._loss(b[0], m(b[1:])), data, epochs=c.epochs,
-                                 optimizer=opt, scheduler=sched, device=self.device, checkpoint=checkpoint,
+        # train.fit steps schedulers once per epoch (the public code: once per batch)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=max(2, c.epochs),
+                                                    pct_start=c.pct_start)
+        self.history = train.fit(self.model, loss, data, epochs=c.epochs, optimizer=opt, scheduler=sched,
+                                 device=self.device, checkpoint=checkpoint,
                                  desc=f"QFAE ({c.bottleneck}, {c.loss})", progress=self.progress)
+
+    def _step(self, model: QFAEModel, x: torch.Tensor) -> torch.Tensor:
+        """The loss of one batch of (augmented) images x, encoded here."""
+        return self._loss(x, model(self._encode_batch(x)))
 
     # -- inference
     @torch.no_grad()
