@@ -395,8 +395,7 @@ class PerceptualMaps(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-        raw = self.raw(x, x_hat)
-        return torch.stack([torch.stack([raw[(i, s)] for s in self.scales]).prod(0) for i in self.layers])
+        return combine(self.raw(x, x_hat), self.layers, self.scales)
 
 
 def combine(raw: dict, layers, scales) -> torch.Tensor:
