@@ -117,6 +117,63 @@ def test_fusion_is_the_sum_of_the_two_signals():
     assert torch.allclose(both, parts, atol=1e-6)
 
 
+def test_memory_items_learn_in_feature_rms_units_and_read_back_at_feature_scale():
+    mem = M.ClassAwareMemory(channels=4, items=3, classes=2, temperature=0.01)
+    feats = torch.randn(2, 4, 3, 3) * 10  # large teacher features
+    mem.init_from(feats, torch.Generator().manual_seed(0))
+    assert mem.scale.item() == pytest.approx(feats.pow(2).mean().sqrt().item(), rel=1e-5)
+    assert mem.items.pow(2).mean().sqrt().item() < 3  # stored in RMS units, not at the features' size
+    stored = mem.items.detach() * mem.scale  # an item, read back, is the feature vector it was drawn from
+    vectors = feats.permute(0, 2, 3, 1).reshape(-1, 4)
+    assert all((vectors - v).abs().max(dim=1).values.min() < 1e-4 for v in stored)
+    read, w, logp = mem(stored.T.reshape(1, 4, 1, 3))  # each location equals one item: it reads (nearly) itself
+    assert torch.allclose(read[0, :, 0].T, stored, atol=1e-3)
+    assert torch.allclose(logp.exp().sum(1), torch.ones(1)) and logp.shape == (1, 2)
+
+
+def test_class_posterior_mixes_the_items_class_distributions():
+    mem = M.ClassAwareMemory(channels=2, items=2, classes=2, temperature=1.0)
+    with torch.no_grad():
+        mem.item_class_logits.copy_(torch.tensor([[20.0, -20.0], [-20.0, 20.0]]))  # item 0 → class 0, item 1 → class 1
+    w = torch.tensor([[1.0, 0.0], [0.5, 0.5]]).view(2, 1, 1, 2)
+    p = mem.class_logits(w).exp()
+    assert torch.allclose(p, torch.tensor([[1.0, 0.0], [0.5, 0.5]]), atol=1e-6)
+    # reading only class-0 items costs nothing for a class-0 image, everything for a class-1 image
+    assert M.class_loss([mem.class_logits(w[:1])], torch.tensor([0])).item() < 1e-6
+    assert M.class_loss([mem.class_logits(w[:1])], torch.tensor([1])).item() > 10
+
+
+def test_fusion_weight_is_chosen_on_validation_masks():
+    torch.manual_seed(0)
+    masks = torch.zeros(4, 1, 16, 16)
+    masks[:, :, 4:8, 4:8] = 1
+    noise = torch.rand(4, 1, 16, 16)
+    # s_res weakly informative, s_dis strongly: a positive λ wins
+    lam, curve = M.select_fusion_weight(noise + 0.2 * masks, masks * 1.0, masks, (0.0, 0.5, 2.0))
+    assert set(curve) == {0.0, 0.5, 2.0} and lam > 0 and curve[lam] > curve[0.0]
+    # s_dis anti-informative (high outside the defect): λ = 0, fusion switched off
+    lam, curve = M.select_fusion_weight(noise + masks, 1 - masks, masks, (0.0, 0.5, 2.0))
+    assert lam == 0.0 and curve[0.0] > curve[2.0]
+    # an uninformative constant s_dis ties every λ: the smallest wins
+    assert M.select_fusion_weight(noise + masks, torch.zeros_like(masks), masks, (1.0, 0.0, 2.0))[0] == 0.0
+
+
+def test_synthesis_fills_with_another_class_or_the_image_itself():
+    images = torch.cat([torch.zeros(4, 3, 32, 32), torch.ones(4, 3, 32, 32)])  # class 0 black, class 1 white
+    labels = torch.tensor([0] * 4 + [1] * 4)
+    det = uadkit.models.create("mdd_net", progress=False, pretrained=False, dim=8, memory_items=4)
+    bad, masks = det.synthesize(images, labels, torch.Generator().manual_seed(0))
+    assert bad.shape == images.shape and masks.shape == (8, 1, 32, 32) and (masks.flatten(1).sum(1) > 0).all()
+    inside, outside = masks[:4].bool().expand(-1, 3, -1, -1), ~masks[:4].bool().expand(-1, 3, -1, -1)
+    assert bad[:4][outside].max() == 0 and bad[:4][inside].mean() > 0.05  # white from class 1 inside the mask only
+    det.config = M.MDDConfig(synth_source="self")
+    bad, masks = det.synthesize(images, labels, torch.Generator().manual_seed(0))
+    assert bad[:4].max() == 0  # a black image's own tiles are black
+    det.config = M.MDDConfig(synth_source="dtd")
+    with pytest.raises(ValueError, match="synth_source"):
+        det.synthesize(images, labels, torch.Generator().manual_seed(0))
+
+
 def test_cosine_map_by_hand():
     a = [torch.tensor([1.0, 0.0]).view(1, 2, 1, 1).expand(1, 2, 2, 2).clone()]
     b = [a[0].clone()]
@@ -152,6 +209,7 @@ def test_short_multiclass_fit_lowers_the_loss_and_resumes(tmp_path):
     det.fit(train, checkpoint=tmp_path / "mdd.pt")
     assert all(torch.equal(v, teacher[k]) for k, v in det.teacher.state_dict().items())  # the teacher stays frozen
     assert det.classes == names and det.history[-1] < det.history[0]
+    assert set(det.fusion_curve) == set(det.config.fusion_grid) and det.fusion_weight in det.config.fusion_grid
     first = {k: v.clone() for k, v in det.model.state_dict().items()}
     again = uadkit.models.create("mdd_net", **kw).fit(train, checkpoint=tmp_path / "mdd.pt")
     assert all(torch.equal(v, first[k]) for k, v in again.model.state_dict().items())

@@ -16,11 +16,13 @@ it; the cosine distance between the two, per scale, is the anomaly map. MDD-Net 
                    ClassAwareMemory            CMM: attention read over learnable items, class logits
                    Neck, Decoder               RD4AD's bottleneck and mirrored student decoder
     anomaly_map  : cosine_map                  1 − cos per location and scale, upsampled and summed
-                   fused_map                   restoration signal + decoder-discrepancy signal
+                   fused_map                   restoration signal + λ_f · decoder-discrepancy signal
+                   select_fusion_weight        λ_f chosen on validation anomalies, never on test labels
     loss         : cosine_loss                 L_rec, L_restoration, L_identity
                    class_loss                  L_cls
                    discrepancy_loss            L_dist, supervised by the synthetic mask
                    mdd_losses                  the five training steps of the paper's Figure 2
+    synthesis    : synthesize                  step 2: Perlin anomalies filled with another class's image
     analysis     : item_class_distribution,    the class distribution of every memory item and its
                    entropy                     entropy (the paper's Figure 5)
 
@@ -46,8 +48,8 @@ from .base import Detector
 
 __all__ = [
     "MDDConfig", "ClassAwareMemory", "Neck", "Decoder", "MDDNet",
-    "cosine_distance", "cosine_map", "fused_map", "image_score",
-    "cosine_loss", "class_loss", "discrepancy_loss", "mdd_losses",
+    "cosine_distance", "cosine_map", "fused_map", "select_fusion_weight", "image_score",
+    "cosine_loss", "class_loss", "discrepancy_loss", "mdd_losses", "synthesize",
     "item_class_distribution", "entropy", "MDDNetDetector",
 ]
 
@@ -65,18 +67,21 @@ class MDDConfig:
     dual: bool = True  # False: one decoder trained on normal images only (plain RD4AD)
     memory: bool = True  # the class-aware memory module on the restoration path
     memory_items: int = 200  # items per teacher scale
-    temperature: float = 0.1  # softmax temperature of the cosine addressing
-    cls_weight: float = 0.1  # weight of L_cls (0: memory without class loss)
+    temperature: float = 0.05  # softmax temperature of the cosine addressing
+    cls_weight: float = 1.0  # weight of L_cls (0: memory without class loss)
     dist_weight: float = 1.0  # weight of L_dist
     dist_margin: float = 0.5  # cosine-distance margin L_dist asks for inside the synthetic mask
     dist_detach_identity: bool = False  # True: L_dist moves the restoration path only (I's output detached)
     shared_neck: bool = True  # False: the identity path has its own neck
     signal: str = "fused"  # inference map: "fused", "restoration" or "discrepancy"
-    fusion_weight: float = 1.0  # s = s_restoration + fusion_weight · s_discrepancy
-    synth_per_image: int = 2  # synthetic anomalous versions made of every training image
+    fusion_weight: float | None = None  # s = s_res + λ_f · s_dis; None: λ_f chosen after training (select_fusion_weight)
+    fusion_grid: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)  # the λ_f candidates of that choice
+    synth_per_image: int = 2  # anomalous versions made of every training image (an epoch still sees N pairs)
+    synth_source: str = "other_class"  # Perlin fill: "other_class" (an image of another category) or "self"
     smooth_sigma: float = 4.0  # Gaussian smoothing of the map, in pixels of a 256-px image (RD4AD)
     epochs: int = 200
     lr: float = 5e-3
+    cosine_lr: bool = False  # True: the learning rate decays to 0 on a cosine over the epochs
     batch_size: int = 16
 
     @classmethod
@@ -85,7 +90,7 @@ class MDDConfig:
 
         if get(profile).is_smoke:
             base = cls(backbone="efficientnet_lite0", layers=(1, 2, 3), dim=64, neck_stride=1, memory_items=48,
-                       synth_per_image=1, epochs=8, lr=3e-3, batch_size=32)
+                       synth_per_image=1, epochs=32, lr=3e-3, cosine_lr=True, batch_size=32)
         else:
             base = cls()
         return dataclasses.replace(base, **overrides)
@@ -103,34 +108,50 @@ class ClassAwareMemory(nn.Module):
 
     Addressing (cosine attention): w_u = softmax_j(cos(z_u, m_j) / τ) for every location u;
     read: ẑ_u = Σ_j w_uj m_j, which *replaces* z_u, so whatever reaches the neck is a mix
-    of stored normal patterns. Class logits for L_cls: a linear map of the image's mean
-    address vector w̄ = mean_u w_u (B×items → B×classes): to predict the category, images
-    of different categories must address different items.
+    of stored normal patterns.
+
+    Class prediction for L_cls: every item carries a learnable class distribution
+    q_j = softmax(a_j) over the C categories, and an image's class posterior is the mix of the
+    distributions of the items it reads, p(c | x) = Σ_j w̄_j q_jc with w̄ = mean_u w_u.
+    Cross-entropy on p is lowest when the images of a class read only items whose q puts its
+    mass on that class, so the loss itself makes the items class-specific (a free linear
+    classifier on w̄ could predict the class from any class-dependent addressing instead).
     """
 
     def __init__(self, *, channels: int, items: int, classes: int, temperature: float):
         super().__init__()
-        self.items = nn.Parameter(torch.randn(items, channels) * 0.1)  # N×C
-        self.classifier = nn.Linear(items, classes)
+        self.items = nn.Parameter(torch.randn(items, channels) * 0.1)  # N×C, in units of `scale`
+        self.register_buffer("scale", torch.ones(()))  # RMS of the teacher features (set by init_from)
+        self.item_class_logits = nn.Parameter(torch.zeros(items, classes))  # a_j, N×classes
         self.temperature = temperature
 
     @torch.no_grad()
     def init_from(self, feats: torch.Tensor, generator: torch.Generator) -> None:
-        """Start the items at randomly drawn feature vectors of feats B×C×h×w (faster than noise)."""
+        """Start the items at randomly drawn feature vectors of feats B×C×h×w (faster than noise).
+
+        The items are stored divided by the features' RMS and multiplied back on reading: teacher
+        features can be large (EfficientNet's are ~10), and an optimiser step of size lr on items of
+        that size would barely move them; in RMS units every teacher's items learn at the same pace."""
         vectors = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+        self.scale.fill_(vectors.pow(2).mean().sqrt().clamp(min=1e-6).item())
         pick = torch.randperm(len(vectors), generator=generator)[:len(self.items)]
-        self.items[:len(pick)] = vectors[pick].to(self.items)
+        self.items[:len(pick)] = (vectors[pick] / self.scale).to(self.items)
 
     def address(self, z: torch.Tensor) -> torch.Tensor:
         """z B×C×h×w → attention weights B×h×w×N (each row sums to 1)."""
         zn = F.normalize(z.permute(0, 2, 3, 1), dim=-1)  # B×h×w×C
         return torch.softmax(zn @ F.normalize(self.items, dim=-1).T / self.temperature, dim=-1)
 
+    def class_logits(self, w: torch.Tensor) -> torch.Tensor:
+        """Address weights B×h×w×N → log p(c | x), B×classes (normalised log-probabilities, usable as logits)."""
+        w_mean = w.mean(dim=(1, 2))  # B×N
+        return torch.log((w_mean @ torch.softmax(self.item_class_logits, dim=-1)).clamp(min=1e-12))
+
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """z B×C×h×w → (read B×C×h×w, weights B×h×w×N, class logits B×classes)."""
         w = self.address(z)
-        read = (w @ self.items).permute(0, 3, 1, 2)
-        return read, w, self.classifier(w.mean(dim=(1, 2)))
+        read = (w @ self.items).permute(0, 3, 1, 2) * self.scale
+        return read, w, self.class_logits(w)
 
 
 class Neck(nn.Module):
@@ -255,6 +276,18 @@ def fused_map(out: dict, size: tuple[int, int], *, signal: str = "fused", weight
     return s
 
 
+def select_fusion_weight(s_res: torch.Tensor, s_dis: torch.Tensor, masks: torch.Tensor,
+                         grid: tuple[float, ...]) -> tuple[float, dict[float, float]]:
+    """Choose λ_f for s = s_res + λ_f · s_dis without test labels: the λ in ``grid`` whose fused maps
+    (B×1×H×W, already smoothed) give the highest pixel AUROC against ``masks`` of *validation*
+    anomalies (the detector makes them with CutPaste, a kind it was not trained on).
+    Returns (λ_f, {λ: AUROC}); on ties the smaller λ wins."""
+    from ..metrics import pixel_auroc
+
+    curve = {lam: pixel_auroc(s_res + lam * s_dis, masks) for lam in grid}
+    return max(curve, key=lambda lam: (round(curve[lam], 6), -lam)), curve
+
+
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian smoothing of B×1×H×W maps (RD4AD smooths with σ = 4 at 256 px)."""
     if sigma <= 0:
@@ -327,6 +360,28 @@ def mdd_losses(model: MDDNet, normal: list[torch.Tensor], labels: torch.Tensor, 
     return out
 
 
+# --------------------------------------------------------------------------- anomaly synthesis (step 2)
+
+def synthesize(images: torch.Tensor, labels: torch.Tensor, *, source: str = "other_class",
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """DRAEM-style Perlin anomalies on every image (``synth.perlin_anomaly``): N×3×H×W, N → N×3×H×W, N×1×H×W.
+
+    DRAEM fills the Perlin region with a foreign texture (DTD). ``source="other_class"``: the foreign
+    texture is a training image of another category, drawn at random (in the multi-class setting the
+    other classes are foreign textures at hand); ``"self"``: the image's own shuffled, recoloured tiles;
+    ``"mixed"``: the two alternately. With one class only, "self" is used."""
+    if source not in ("other_class", "self", "mixed"):
+        raise ValueError(f"synth_source must be 'other_class', 'self' or 'mixed', got {source!r}")
+    pairs = []
+    for i, (x, y) in enumerate(zip(images, labels)):
+        others = torch.nonzero(labels != y).flatten()
+        fill = None
+        if (source == "other_class" or (source == "mixed" and i % 2 == 0)) and len(others):
+            fill = images[others[torch.randint(len(others), (1,), generator=generator)].item()]
+        pairs.append(synth.perlin_anomaly(x, fill, generator=generator))
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
 # --------------------------------------------------------------------------- memory analysis (Figure 5)
 
 @torch.no_grad()
@@ -364,6 +419,8 @@ class MDDNetDetector(Detector):
         self.model: MDDNet | None = None
         self.classes: list[str] = []
         self.history: list[float] = []
+        self.fusion_weight: float = 1.0 if c.fusion_weight is None else c.fusion_weight
+        self.fusion_curve: dict[float, float] = {}  # validation pixel AUROC of every λ_f candidate
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -372,10 +429,10 @@ class MDDNetDetector(Detector):
                  for i in range(0, len(images), self.batch_size)]
         return [torch.cat(p) for p in zip(*parts)]
 
-    def synthesize(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step 2: DRAEM-style Perlin anomalies on every image (``synth.perlin_anomaly``): N×3×H×W, N×1×H×W."""
-        pairs = [synth.perlin_anomaly(x, generator=generator) for x in images]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    def synthesize(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 2 with this detector's ``synth_source`` (see :func:`synthesize`)."""
+        return synthesize(images, labels, source=self.config.synth_source, generator=generator)
 
     def _fit(self, train_loader, checkpoint=None) -> None:
         c = self.config
@@ -394,11 +451,14 @@ class MDDNetDetector(Detector):
         k = c.synth_per_image if c.dual else 1
         tensors = [torch.cat([f] * k) for f in normal] + [labels.repeat(k)]
         if c.dual:
-            bad, masks = self.synthesize(images.repeat(k, 1, 1, 1), g)
+            bad, masks = self.synthesize(images.repeat(k, 1, 1, 1), labels.repeat(k), g)
             tensors += self.features(bad) + [masks]
         n = len(self.model.channels)
-        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*tensors), batch_size=c.batch_size,
-                                           shuffle=True, generator=torch.Generator().manual_seed(self.seed))
+        pairs = torch.utils.data.TensorDataset(*tensors)  # k·N (normal, anomalous version) pairs
+        # an epoch is N pairs drawn from the k·N without replacement: every image's k versions take turns
+        sampler = torch.utils.data.RandomSampler(pairs, num_samples=len(images),
+                                                 generator=torch.Generator().manual_seed(self.seed))
+        data = torch.utils.data.DataLoader(pairs, batch_size=c.batch_size, sampler=sampler)
 
         def loss_fn(model, b):
             anomalous, mask = (list(b[n + 1:2 * n + 1]), b[2 * n + 1]) if c.dual else (None, None)
@@ -406,15 +466,32 @@ class MDDNetDetector(Detector):
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=c.lr, betas=(0.5, 0.999))  # RD4AD's optimiser
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.epochs) if c.cosine_lr else None
         self.history = train.fit(self.model, loss_fn, data, epochs=c.epochs, optimizer=opt, device=self.device,
-                                 checkpoint=checkpoint, desc="MDD-Net" if c.dual else "RD", progress=self.progress)
+                                 scheduler=sched, checkpoint=checkpoint, desc="MDD-Net" if c.dual else "RD", progress=self.progress)
+        if c.dual and c.fusion_weight is None:
+            self.fusion_weight, self.fusion_curve = self.choose_fusion_weight(images, g)
 
-    def maps(self, images: torch.Tensor, *, signal: str | None = None) -> torch.Tensor:
-        """Smoothed anomaly maps B×1×H×W of one signal ("fused", "restoration", "discrepancy")."""
+    @torch.no_grad()
+    def choose_fusion_weight(self, images: torch.Tensor, generator: torch.Generator) -> tuple[float, dict[float, float]]:
+        """λ_f on validation anomalies: CutPaste patches and scars (alternately) pasted into the training
+        images; a synthesis the model never trained on (it trains on Perlin), so the choice rewards a
+        signal that generalises to new kinds of defect. No test image is used."""
+        pairs = [synth.cutpaste(x, generator=generator, scar=bool(i % 2)) for i, x in enumerate(images)]
+        x_val, m_val = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        s_res = torch.cat([self.maps(x_val[i:i + self.batch_size].to(self.device), signal="restoration").cpu()
+                           for i in range(0, len(x_val), self.batch_size)])
+        s_dis = torch.cat([self.maps(x_val[i:i + self.batch_size].to(self.device), signal="discrepancy").cpu()
+                           for i in range(0, len(x_val), self.batch_size)])
+        return select_fusion_weight(s_res, s_dis, m_val, self.config.fusion_grid)
+
+    def maps(self, images: torch.Tensor, *, signal: str | None = None, weight: float | None = None) -> torch.Tensor:
+        """Smoothed anomaly maps B×1×H×W of one signal ("fused", "restoration", "discrepancy");
+        ``weight``: λ_f of the fused map (default: the one chosen after training)."""
         c = self.config
         out = self.model(images)
         signal = signal or (c.signal if c.dual else "restoration")
-        s = fused_map(out, images.shape[-2:], signal=signal, weight=c.fusion_weight)
+        s = fused_map(out, images.shape[-2:], signal=signal, weight=self.fusion_weight if weight is None else weight)
         return gaussian_blur(s, c.smooth_sigma * images.shape[-1] / 256)
 
     def _predict_batch(self, images):
