@@ -232,3 +232,22 @@ def test_paper_profile_settings():
     out = model(torch.rand(1, 3, 64, 64))
     assert [f.shape[1] for f in out["teacher"]] == [256, 512, 1024]
     assert M.fused_map(out, (64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_paper_code_path_on_fake_mvtec_and_uni_medical_trees(tmp_path):
+    """The chapter's paper profile: WRN50 teacher (random weights here), one model for several folder trees."""
+    from test_data_folders import make_mvtec_tree
+    from test_qfae import make_bmad_tree
+
+    make_mvtec_tree(tmp_path)
+    make_bmad_tree(tmp_path, "Brain")
+    names = ["mvtec/bottle", "bmad/brats2021"]
+    train = multiclass(names, "train", root=tmp_path, image_size=64)
+    det = uadkit.models.create("mdd_net", profile="paper", device="cpu", pretrained=False, dim=16, memory_items=4,
+                               epochs=1, batch_size=4, progress=False)
+    det.fit(train)
+    assert det.classes == sorted(names) and det.fusion_weight in det.config.fusion_grid
+    assert det.config.backbone == "wide_resnet50_2" and det.config.synth_per_image == 2
+    for name in names:
+        result = det.evaluate(get_dataset(name, "test", root=tmp_path, image_size=64))
+        assert set(result) == {"image AUROC", "pixel AUROC", "AUPRO"}
