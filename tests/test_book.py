@@ -37,3 +37,22 @@ def test_committed_executed_with_checked_numbers(nb):
     checked = [c for c in cells if "# NBVAL_CHECK_OUTPUT" in "".join(c["source"])]
     assert checked and all(c["outputs"] for c in checked)
     assert max(len("".join(c["source"]).splitlines()) for c in cells) <= 40
+
+
+def test_checked_cells_tolerate_last_digit_drift_only():
+    from nbformat import v4
+    from nbval_tolerance import numbers_close, snap_to_reference
+
+    ref = "RD4AD   0.90  0.91 mean 0.923\nOoD AUROC 85.1, 4 items, shape (4, 3, 64, 64)\n"
+    assert numbers_close(ref, ref.replace("0.923", "0.916").replace("85.1", "84.0"))  # drift: equal
+    assert not numbers_close(ref, ref.replace("0.923", "0.880"))  # a real change in an AUROC
+    assert not numbers_close(ref, ref.replace("85.1", "81.0"))  # beyond 2 % of a percentage
+    assert not numbers_close(ref, ref.replace("4 items", "5 items"))  # integers are exact
+    assert not numbers_close(ref, ref.replace("RD4AD", "RD4AE"))  # so is the text
+    assert not numbers_close(ref, ref + "extra line 0.1\n")
+    test = [v4.new_output("stream", name="stdout", text=ref.replace("0.923", "0.930")),
+            v4.new_output("stream", name="stdout", text="AUROC 0.5\n")]
+    refs = [v4.new_output("stream", name="stdout", text=ref), v4.new_output("stream", name="stdout", text="AUROC 0.9\n")]
+    snapped = snap_to_reference(test, refs)
+    assert snapped[0]["text"] == ref and snapped[1]["text"] == "AUROC 0.5\n"  # only the close one is snapped
+    assert test[0]["text"] != ref  # the test outputs themselves are not modified

@@ -1,0 +1,4 @@
+"""Shared pytest set-up: nbval's checked notebook cells tolerate last-digit drift (see nbval_tolerance)."""
+from nbval_tolerance import install
+
+install()
