@@ -52,7 +52,8 @@ def test_checked_cells_tolerate_last_digit_drift_only():
     assert not numbers_close(ref, ref + "extra line 0.1\n")
     test = [v4.new_output("stream", name="stdout", text=ref.replace("0.923", "0.930")),
             v4.new_output("stream", name="stdout", text="AUROC 0.5\n")]
-    refs = [v4.new_output("stream", name="stdout", text=ref), v4.new_output("stream", name="stdout", text="AUROC 0.9\n")]
+    refs = [v4.new_output("stream", name="stdout", text=ref),
+            v4.new_output("stream", name="stdout", text="AUROC 0.9\n")]
     snapped = snap_to_reference(test, refs)
     assert snapped[0]["text"] == ref and snapped[1]["text"] == "AUROC 0.5\n"  # only the close one is snapped
     assert test[0]["text"] != ref  # the test outputs themselves are not modified

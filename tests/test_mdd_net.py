@@ -134,7 +134,8 @@ def test_memory_items_learn_in_feature_rms_units_and_read_back_at_feature_scale(
 def test_class_posterior_mixes_the_items_class_distributions():
     mem = M.ClassAwareMemory(channels=2, items=2, classes=2, temperature=1.0)
     with torch.no_grad():
-        mem.item_class_logits.copy_(torch.tensor([[20.0, -20.0], [-20.0, 20.0]]))  # item 0 → class 0, item 1 → class 1
+        # item 0 belongs to class 0, item 1 to class 1
+        mem.item_class_logits.copy_(torch.tensor([[20.0, -20.0], [-20.0, 20.0]]))
     w = torch.tensor([[1.0, 0.0], [0.5, 0.5]]).view(2, 1, 1, 2)
     p = mem.class_logits(w).exp()
     assert torch.allclose(p, torch.tensor([[1.0, 0.0], [0.5, 0.5]]), atol=1e-6)

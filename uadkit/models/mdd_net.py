@@ -74,7 +74,7 @@ class MDDConfig:
     dist_detach_identity: bool = False  # True: L_dist moves the restoration path only (I's output detached)
     shared_neck: bool = True  # False: the identity path has its own neck
     signal: str = "fused"  # inference map: "fused", "restoration" or "discrepancy"
-    fusion_weight: float | None = None  # s = s_res + λ_f · s_dis; None: λ_f chosen after training (select_fusion_weight)
+    fusion_weight: float | None = None  # s = s_res + λ_f · s_dis; None: λ_f chosen after training
     fusion_grid: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)  # the λ_f candidates of that choice
     synth_per_image: int = 2  # anomalous versions made of every training image (an epoch still sees N pairs)
     synth_source: str = "other_class"  # Perlin fill: "other_class" (an image of another category) or "self"
@@ -368,15 +368,15 @@ def synthesize(images: torch.Tensor, labels: torch.Tensor, *, source: str = "oth
 
     DRAEM fills the Perlin region with a foreign texture (DTD). ``source="other_class"``: the foreign
     texture is a training image of another category, drawn at random (in the multi-class setting the
-    other classes are foreign textures at hand); ``"self"``: the image's own shuffled, recoloured tiles;
-    ``"mixed"``: the two alternately. With one class only, "self" is used."""
-    if source not in ("other_class", "self", "mixed"):
-        raise ValueError(f"synth_source must be 'other_class', 'self' or 'mixed', got {source!r}")
+    other classes are foreign textures at hand); ``"self"``: the image's own shuffled, recoloured tiles
+    (also used when there is only one class)."""
+    if source not in ("other_class", "self"):
+        raise ValueError(f"synth_source must be 'other_class' or 'self', got {source!r}")
     pairs = []
-    for i, (x, y) in enumerate(zip(images, labels)):
+    for x, y in zip(images, labels):
         others = torch.nonzero(labels != y).flatten()
         fill = None
-        if (source == "other_class" or (source == "mixed" and i % 2 == 0)) and len(others):
+        if source == "other_class" and len(others):
             fill = images[others[torch.randint(len(others), (1,), generator=generator)].item()]
         pairs.append(synth.perlin_anomaly(x, fill, generator=generator))
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
@@ -468,21 +468,22 @@ class MDDNetDetector(Detector):
         opt = torch.optim.Adam(params, lr=c.lr, betas=(0.5, 0.999))  # RD4AD's optimiser
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.epochs) if c.cosine_lr else None
         self.history = train.fit(self.model, loss_fn, data, epochs=c.epochs, optimizer=opt, device=self.device,
-                                 scheduler=sched, checkpoint=checkpoint, desc="MDD-Net" if c.dual else "RD", progress=self.progress)
+                                 scheduler=sched, checkpoint=checkpoint, desc="MDD-Net" if c.dual else "RD",
+                                 progress=self.progress)
         if c.dual and c.fusion_weight is None:
             self.fusion_weight, self.fusion_curve = self.choose_fusion_weight(images, g)
 
     @torch.no_grad()
-    def choose_fusion_weight(self, images: torch.Tensor, generator: torch.Generator) -> tuple[float, dict[float, float]]:
+    def choose_fusion_weight(self, images: torch.Tensor, generator: torch.Generator
+                             ) -> tuple[float, dict[float, float]]:
         """λ_f on validation anomalies: CutPaste patches and scars (alternately) pasted into the training
         images; a synthesis the model never trained on (it trains on Perlin), so the choice rewards a
         signal that generalises to new kinds of defect. No test image is used."""
         pairs = [synth.cutpaste(x, generator=generator, scar=bool(i % 2)) for i, x in enumerate(images)]
         x_val, m_val = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-        s_res = torch.cat([self.maps(x_val[i:i + self.batch_size].to(self.device), signal="restoration").cpu()
-                           for i in range(0, len(x_val), self.batch_size)])
-        s_dis = torch.cat([self.maps(x_val[i:i + self.batch_size].to(self.device), signal="discrepancy").cpu()
-                           for i in range(0, len(x_val), self.batch_size)])
+        s_res, s_dis = (torch.cat([self.maps(x_val[i:i + self.batch_size].to(self.device), signal=signal).cpu()
+                                   for i in range(0, len(x_val), self.batch_size)])
+                        for signal in ("restoration", "discrepancy"))
         return select_fusion_weight(s_res, s_dis, m_val, self.config.fusion_grid)
 
     def maps(self, images: torch.Tensor, *, signal: str | None = None, weight: float | None = None) -> torch.Tensor:
