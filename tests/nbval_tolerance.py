@@ -69,8 +69,8 @@ def install() -> None:
         return
     original = IPyNbCell.compare_outputs
 
-    def compare_outputs(self, test, ref, skip_compare=None):
-        return original(self, snap_to_reference(test, ref), ref, skip_compare)
+    def compare_outputs(self, test, ref, *args, **kwargs):
+        return original(self, snap_to_reference(test, ref), ref, *args, **kwargs)
 
     compare_outputs._tolerant = True
     IPyNbCell.compare_outputs = compare_outputs
