@@ -37,10 +37,11 @@ test: $(STAMP)
 book: $(STAMP)
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
 
-# Re-execute the chapters in place (smoke profile) to refresh their committed outputs.
+# Re-execute the chapters in place (smoke profile) to refresh their committed outputs. Progress bars
+# update at most every 30 s there, so the book shows a few lines per bar instead of hundreds.
 NB ?= book/*.ipynb
 execute: $(STAMP)
-	for nb in $(NB); do echo "executing $$nb"; MPLBACKEND=module://matplotlib_inline.backend_inline PYTHONHASHSEED=0 $(PY) -c \
+	for nb in $(NB); do echo "executing $$nb"; MPLBACKEND=module://matplotlib_inline.backend_inline PYTHONHASHSEED=0 TQDM_MININTERVAL=30 $(PY) -c \
 	  "import sys, nbformat, nbclient; nb = nbformat.read(sys.argv[1], 4); nbclient.NotebookClient(nb, timeout=1200, kernel_name='python3', resources={'metadata': {'path': 'book'}}).execute(); nbformat.write(nb, sys.argv[1])" $$nb || exit 1; done
 
 clean:
