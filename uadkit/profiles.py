@@ -12,6 +12,11 @@ nothing else::
 ``paper``  real datasets under ``$UADKIT_DATA`` in their published layouts, the
            paper's backbone, image size and schedule, on a GPU when there is one.
 
+A second parameter, ``dry_run = False``, runs the paper profile's every cell on fake
+trees with a few steps per training (:mod:`uadkit.dryrun`)::
+
+    papermill book/adtr.ipynb out.ipynb -p profile paper -p dry_run True
+
 The profile holds what all chapters share; a chapter keeps its own method
 settings in a dataclass with one constructor per profile.
 """
@@ -53,6 +58,7 @@ class Profile:
     num_workers: int
     device: str = ""
     seed: int = 0
+    dry_run: bool = False  # the paper code path on fake trees, a few steps per training (uadkit.dryrun)
 
     def __post_init__(self):
         if not self.device:
@@ -61,6 +67,15 @@ class Profile:
     @property
     def is_smoke(self) -> bool:
         return self.name == "smoke"
+
+    def head(self, items, n: int | None = None):
+        """``items`` as they are, or their first few in a dry run (a table's categories, a sweep's values)."""
+        from .dryrun import MAX_ITEMS
+
+        if not self.dry_run:
+            return items
+        n = n or MAX_ITEMS
+        return dict(list(items.items())[:n]) if isinstance(items, dict) else items[:n]
 
 
 PROFILES = {
@@ -90,16 +105,33 @@ PROFILES = {
 MEDICAL_SMOKE = tuple(f"mini/{c}" for c in MEDICAL)
 
 
-def get(profile: str = "smoke", **overrides) -> Profile:
+def _dry(p: Profile) -> Profile:
+    """The dry-run version of ``p``: one object and one (grey, for MVTec) texture category, two classes."""
+    from . import dryrun
+
+    dryrun.enable()
+    texture = next((t for t in p.textures if t.endswith("/grid")), p.textures[0])
+    obj = next(c for c in p.categories if c not in p.textures)
+    return dataclasses.replace(p, categories=(obj, texture), textures=(texture,),
+                               one_vs_all=p.one_vs_all[:dryrun.MAX_ITEMS], num_workers=0)
+
+
+def get(profile: str = "smoke", *, dry_run: bool = False, **overrides) -> Profile:
     """The settings of ``profile`` ("smoke" or "paper"), with any field overridden.
+
+    ``dry_run=True`` switches :mod:`uadkit.dryrun` on (fake trees, a few steps per training,
+    bf16 autocast on the CPU too) and keeps two categories per table.
 
     >>> get("smoke").image_size
     64
     >>> get("paper", device="cpu").device
     'cpu'
     """
+    if not isinstance(dry_run, bool):
+        raise TypeError(f"dry_run must be True or False, got {dry_run!r}")
     if isinstance(profile, Profile):
-        return dataclasses.replace(profile, **overrides) if overrides else profile
+        p = dataclasses.replace(profile, **overrides) if overrides else profile
+        return _dry(dataclasses.replace(p, dry_run=True)) if dry_run and not p.dry_run else p
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     p = PROFILES[profile]
@@ -108,4 +140,4 @@ def get(profile: str = "smoke", **overrides) -> Profile:
         if unknown:
             raise TypeError(f"unknown profile settings {sorted(unknown)}")
         p = dataclasses.replace(p, **overrides)
-    return p
+    return _dry(dataclasses.replace(p, dry_run=True)) if dry_run else p

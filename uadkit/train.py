@@ -1,4 +1,4 @@
-"""A small training loop: seeding, device, AMP on CUDA, progress bar, checkpoints that resume.
+"""A small training loop: seeding, device, AMP (bf16 autocast), progress bar, checkpoints that resume.
 
 Not a framework: a chapter writes its own loss as ``loss_fn(model, batch)`` and calls
 
@@ -10,6 +10,9 @@ last finished epoch and ends with exactly the weights an uninterrupted run gives
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import json
 import os
 import random
 from pathlib import Path
@@ -21,7 +24,24 @@ from tqdm import tqdm  # text bars: readable in terminals, notebooks, Colab and 
 
 from .profiles import pick_device
 
-__all__ = ["seed_everything", "pick_device", "make_generator", "to_device", "fit", "predict", "load_checkpoint"]
+__all__ = ["seed_everything", "pick_device", "make_generator", "to_device", "fit", "predict", "load_checkpoint",
+           "use_amp", "autocast"]
+
+
+def use_amp(device: str, amp: bool | None = None) -> bool:
+    """Whether to train under bf16 autocast: ``amp`` if given, else on CUDA, and in a dry run on any device
+    (the CPU has a bf16 autocast too, so a dry run executes the mixed-precision path that CUDA takes)."""
+    from . import dryrun
+
+    if amp is not None:
+        return bool(amp)
+    return str(device).startswith("cuda") or dryrun.active()
+
+
+def autocast(device: str, enabled: bool):
+    """bf16 autocast on ``device``'s type ("cuda", "cpu", ...); a no-op when not ``enabled``."""
+    kind = torch.device(device).type
+    return torch.autocast(device_type=kind, dtype=torch.bfloat16, enabled=enabled and kind in ("cuda", "cpu"))
 
 
 def seed_everything(seed: int = 0) -> None:
@@ -84,7 +104,38 @@ def save_checkpoint(path: Path, **state) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint written by :func:`fit`; a file that cannot be read is an error naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # EOFError, UnpicklingError, RuntimeError from a truncated zip, ...
+        raise RuntimeError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}. Delete the file to "
+                           "start this training afresh.") from e
+
+
+# The settings that shape a training run ("fingerprint"), stored in its checkpoint. Detector.fit sets it
+# for the trainings of one fit; a checkpoint written under other settings is refused, never resumed.
+_fingerprint: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fingerprint", default=None)
+
+
+@contextlib.contextmanager
+def fingerprint(settings: dict | None):
+    """Within this block, :func:`fit` stores ``settings`` in its checkpoints and refuses to resume one
+    that holds other settings."""
+    token = _fingerprint.set(None if settings is None else json.loads(json.dumps(settings, default=str)))
+    try:
+        yield
+    finally:
+        _fingerprint.reset(token)
+
+
+def _check_fingerprint(path: Path, state: dict, expected: dict | None) -> None:
+    stored = state.get("fingerprint")
+    if expected is None or stored is None or stored == expected:
+        return
+    changed = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
+    detail = "; ".join(f"{k}: checkpoint {stored.get(k)!r}, now {expected.get(k)!r}" for k in changed)[:600]
+    raise ValueError(f"checkpoint {path} was written by a run with other settings ({detail}). It is not "
+                     "resumed: delete it, or pass another checkpoint path, to train afresh.")
 
 
 def fit(model: torch.nn.Module, loss_fn: Callable, loader, *, epochs: int, optimizer: torch.optim.Optimizer,
@@ -93,17 +144,25 @@ def fit(model: torch.nn.Module, loss_fn: Callable, loader, *, epochs: int, optim
     """Train ``model`` for ``epochs`` epochs; returns the mean loss of every epoch.
 
     ``loss_fn(model, batch)`` returns a scalar; batches are moved to ``device`` first.
-    AMP (bfloat16 autocast) is used on CUDA unless ``amp=False``. With ``checkpoint``,
-    the state is saved after every epoch and, if ``resume``, a saved state is resumed.
+    AMP (bfloat16 autocast) is used on CUDA unless ``amp=False``; ``amp=True`` turns it on for
+    the CPU as well (see :func:`use_amp`). With ``checkpoint``, the state is saved after every
+    epoch and, if ``resume``, a saved state is resumed. In a dry run (:mod:`uadkit.dryrun`)
+    training stops after 1 epoch of at most ``dryrun.MAX_STEPS`` steps.
     """
+    from . import dryrun
+
     model.to(device)
-    use_amp = (device.startswith("cuda") if amp is None else amp) and device.startswith("cuda")
+    amp_on = use_amp(device, amp)
+    max_steps = dryrun.steps(10**12) if dryrun.active() else None
+    epochs = dryrun.epochs(epochs)
     history: list[float] = []
     start = 0
     path = Path(checkpoint) if checkpoint else None
     gen = _generator_of(loader)
+    settings = _fingerprint.get()
     if path is not None and resume and path.is_file():
         state = load_checkpoint(path)
+        _check_fingerprint(path, state, settings)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and "scheduler" in state:
@@ -117,8 +176,10 @@ def fit(model: torch.nn.Module, loss_fn: Callable, loader, *, epochs: int, optim
         model.train()
         total, count = 0.0, 0
         for batch in loader:
+            if max_steps is not None and count >= max_steps:
+                break
             batch = to_device(batch, device)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
+            with autocast(device, amp_on):
                 loss = loss_fn(model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{desc}: loss became {loss.item()} in epoch {epoch + 1}")
@@ -134,6 +195,8 @@ def fit(model: torch.nn.Module, loss_fn: Callable, loader, *, epochs: int, optim
             extra = {"scheduler": scheduler.state_dict()} if scheduler is not None else {}
             if gen is not None:
                 extra["loader_rng"] = gen.get_state()
+            if settings is not None:
+                extra["fingerprint"] = settings
             save_checkpoint(path, model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
                             history=history, rng=_rng_state(), **extra)
     model.eval()

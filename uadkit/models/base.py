@@ -10,11 +10,13 @@ live here, once.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from tqdm import tqdm  # text bars: readable in terminals, notebooks, Colab and the rendered book
 
-from .. import metrics
+from .. import dryrun, metrics, train
 from ..data.base import loader
 
 __all__ = ["Detector"]
@@ -43,8 +45,19 @@ class Detector:
         if len(dataset) == 0:
             raise ValueError(f"{self.name}: the training set is empty")
         self.image_size = tuple(dataset[0]["image"].shape[-2:])
-        self._fit(loader(dataset, batch_size=self.batch_size, shuffle=False, seed=self.seed), checkpoint)
+        with train.fingerprint(self.fingerprint(dataset)):
+            self._fit(loader(dataset, batch_size=self.batch_size, shuffle=False, seed=self.seed), checkpoint)
         return self
+
+    def fingerprint(self, dataset) -> dict:
+        """The settings that shape a training run on ``dataset``; its checkpoints store them, and a
+        checkpoint written under other settings is refused (:func:`uadkit.train.fingerprint`)."""
+        config = getattr(self, "config", None)
+        return {"method": self.name,
+                "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config),
+                "data": getattr(dataset, "name", type(dataset).__name__), "n_train": len(dataset),
+                "image_size": list(self.image_size or ()), "batch_size": self.batch_size, "seed": self.seed,
+                "dry_run": dryrun.active()}
 
     @torch.no_grad()
     def predict(self, dataset) -> tuple[torch.Tensor, torch.Tensor]:

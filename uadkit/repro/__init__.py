@@ -6,9 +6,15 @@
 * ``record(chapter, table, rows, ...)``: writes this run's numbers as JSON under
   ``$UADKIT_RESULTS`` (default ``_build/results/``), with profile, dataset, seed, wall
   time and versions, so GPU runs and regression checks read numbers, not notebooks.
+* ``run(chapter, name, settings, fn, profile=...)``: one training run of a table. In the
+  paper profile its result is recorded as soon as it finishes and, when the chapter runs
+  again with the same ``settings``, read back instead of trained again, so a run cut off
+  by a time limit loses at most one training. ``checkpoint(chapter, name, settings)`` is
+  the run's own checkpoint file (a checkpoint of other settings is refused by ``train.fit``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -18,7 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["paper_table", "available_tables", "compare", "record", "load_results", "results_dir"]
+__all__ = ["paper_table", "available_tables", "compare", "record", "load_results", "results_dir", "run",
+           "run_key", "checkpoint"]
 
 COLUMNS = ["table", "method", "category", "metric", "value", "source"]
 
@@ -91,3 +98,43 @@ def load_results(chapter: str, table_name: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no recorded results {path}; run the chapter '{chapter}' first")
     return json.loads(path.read_text())
+
+
+def run_key(name: str, settings: dict) -> str:
+    """``<name>-<hash of settings>``: the file name of one run's record and checkpoint. Settings are
+    hashed as sorted JSON, so any change to them (a learning rate, an epoch count) is another run."""
+    blob = json.dumps(settings, sort_keys=True, default=str)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
+    return f"{safe}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def checkpoint(chapter: str, name: str, settings: dict) -> Path:
+    """Where run ``name`` with ``settings`` of ``chapter`` keeps its training checkpoint."""
+    return results_dir() / chapter / "checkpoints" / f"{run_key(name, settings)}.pt"
+
+
+def run(chapter: str, name: str, settings: dict, fn, *, profile: str, resume: bool | None = None):
+    """The result of one training run: ``fn()`` (a dict of plain numbers), recorded as soon as it returns.
+
+    With ``resume`` (default: in the paper profile, outside a dry run) a run recorded before with
+    the same ``chapter``, ``name`` and ``settings`` is not trained again: its recorded result is
+    returned, and a line says so. The smoke profile always trains, so its checks test the code.
+    """
+    from .. import dryrun
+
+    if resume is None:
+        resume = profile == "paper" and not dryrun.active()
+    key = run_key(name, settings)
+    path = results_dir() / chapter / "runs" / f"{key}.json"
+    if resume and path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == json.loads(json.dumps(settings, sort_keys=True, default=str)):
+            print(f"{name}: recorded on {saved.get('timestamp', '?')}, not trained again ({path})")
+            return saved["result"]
+    t0 = time.perf_counter()
+    result = fn()
+    record(chapter, f"runs/{key}", [], profile=profile, dataset=str(settings.get("dataset", "")),
+           seed=int(settings.get("seed", 0)), wall_time_s=time.perf_counter() - t0,
+           extra={"name": name, "settings": json.loads(json.dumps(settings, sort_keys=True, default=str)),
+                  "result": result})
+    return result

