@@ -1,0 +1,60 @@
+"""Peak memory of a detector's ``fit``, measured in a fresh process (shared by the methods' tests).
+
+``fit_peak_mb(method, n_train, tmp_path, ...)`` writes ``n_train`` small PNGs as an MVTec-style
+``train/good`` tree, loads it at ``image_size`` with the real folder loader, and fits
+``uadkit.models.create(method, profile="paper", ...)`` on it in a child process, in the dry run
+(at most 2 optimiser steps per training, random weights where none are cached), so that the
+time does not grow with the data while any memory kept per image still does. Returns the
+child's peak resident memory in MB (``ru_maxrss``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+_CHILD = r"""
+import json, resource, sys
+import torch
+import uadkit.models
+from uadkit.data import get_dataset
+args = json.loads(sys.argv[1])
+torch.set_num_threads(1)
+train = get_dataset("folder/" + args["tree"], "train", image_size=args["image_size"])
+det = uadkit.models.create(args["method"], profile="paper", device="cpu", batch_size=args["batch_size"],
+                           progress=False, **args["overrides"])
+det.fit(train)
+print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def make_tree(root: Path, n: int, *, seed: int = 0, size: int = 32, categories: int = 1) -> Path:
+    """An MVTec-style tree with ``n`` normal training images (and a tiny test split)."""
+    rng = np.random.default_rng(seed)
+    for split, sub, count in (("train", "good", n), ("test", "good", 2)):
+        folder = root / split / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            arr = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+            Image.fromarray(arr).save(folder / f"{i:04d}.png")
+    return root
+
+
+def fit_peak_mb(method: str, n_train: int, tmp_path: Path, *, image_size: int = 256, batch_size: int = 8,
+                timeout: int = 600, **overrides) -> float:
+    tree = make_tree(tmp_path / f"tree{n_train}", n_train)
+    env = {**os.environ, "UADKIT_DRY_RUN": "1", "UADKIT_WEIGHTS": str(tmp_path / "no-weights"),
+           "OMP_NUM_THREADS": "1"}
+    args = json.dumps({"tree": str(tree), "method": method, "image_size": image_size, "batch_size": batch_size,
+                       "overrides": overrides})
+    out = subprocess.run([sys.executable, "-c", _CHILD, args], env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"fit of {method} on {n_train} images failed:\n{out.stderr[-3000:]}")
+    kb = next(int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("PEAK_KB"))
+    return kb / 1024
