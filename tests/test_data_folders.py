@@ -166,3 +166,18 @@ def test_multiclass_over_real_layout(tmp_path):
     make_mvtec_tree(tmp_path, category_dir=tmp_path / "mvtec" / "cable")
     ds = multiclass(["mvtec/bottle", "mvtec/cable"], "train", root=tmp_path, image_size=8)
     assert len(ds) == 6 and {ds[i]["category"] for i in range(6)} == {"mvtec/bottle", "mvtec/cable"}
+
+
+def test_stack_gathers_masks_and_images_from_file_backed_and_array_datasets(tmp_path):
+    import torch
+
+    from uadkit.data import get_dataset, stack
+
+    make_mvtec_tree(tmp_path)
+    test = get_dataset("mvtec/bottle", "test", root=tmp_path, image_size=32)
+    assert not hasattr(test, "masks")  # a FileDataset holds paths, not tensors
+    masks, labels = stack(test, "mask"), stack(test, "label")
+    assert masks.shape == (len(test), 1, 32, 32) and labels.tolist() == list(test.labels)
+    assert stack(test, "image", indices=[1]).shape == (1, 3, 32, 32)
+    mini = get_dataset("mini/brick", "test")
+    assert torch.equal(stack(mini, "mask", indices=[0, 2]), mini.masks[[0, 2]])

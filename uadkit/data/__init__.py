@@ -38,6 +38,7 @@ from .base import (  # noqa: F401
     loader,
     load_image,
     load_mask,
+    stack,
 )
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "FileDataset",
     "collate",
     "loader",
+    "stack",
 ]
 
 SPLITS = ("train", "test")

@@ -36,6 +36,7 @@ __all__ = [
     "load_mask",
     "collate",
     "loader",
+    "stack",
 ]
 
 
@@ -224,6 +225,28 @@ def collate(items: list[dict]) -> dict:
         else:
             out[key] = values
     return out
+
+
+def stack(dataset, key: str = "mask", indices=None) -> torch.Tensor:
+    """Items ``key`` ("image", "mask" or "label") of ``dataset`` stacked into one tensor, for the
+    items ``indices`` (default: all). Works for every dataset of the book, including file-backed
+    ones that hold no tensors (MVTec AD, VisA, folders), which read each item from disk here.
+
+    >>> masks = stack(test, "mask")                       # N×1×H×W, for the pixel metrics
+    >>> images = stack(test, "image", indices=[0, 5])     # 2×3×H×W, for a figure
+    """
+    idx = range(len(dataset)) if indices is None else [int(i) for i in indices]
+    if key == "label":
+        return torch.tensor([int(dataset[i]["label"]) for i in idx], dtype=torch.int64)
+    held = {"image": "images", "mask": "masks"}.get(key)
+    if held is None:
+        raise KeyError(f"stack() stacks 'image', 'mask' or 'label', not {key!r}")
+    if isinstance(getattr(dataset, held, None), torch.Tensor):  # in memory: index, don't copy item by item
+        return getattr(dataset, held)[list(idx)] if indices is not None else getattr(dataset, held)
+    items = [dataset[i][key] for i in idx]
+    if not items:
+        raise ValueError("stack() of no items")
+    return torch.stack(items)
 
 
 def loader(dataset, *, batch_size: int = 32, shuffle: bool = False, seed: int = 0, num_workers: int = 0, drop_last=False):
