@@ -30,6 +30,14 @@ def test_profile_is_a_papermill_parameter(nb):
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_dry_run_is_a_papermill_parameter_that_reaches_the_profile(nb):
+    params = papermill.inspect_notebook(str(nb))
+    assert params["dry_run"]["default"] == "False"
+    source = "".join("".join(c["source"]) for c in _code_cells(nb))
+    assert "profiles.get(profile, dry_run=dry_run)" in source
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
 def test_committed_executed_with_checked_numbers(nb):
     cells = _code_cells(nb)
     assert all(c["execution_count"] is not None for c in cells if "".join(c["source"]).strip())
