@@ -152,12 +152,14 @@ def test_stage1_is_repeatable_and_resumes(tmp_path):
     A.AnoMemDetector(_tiny(threads=1, epochs=1), progress=False).fit(train)
     assert torch.get_num_threads() == before  # the thread setting is restored
     ck = tmp_path / "anomem.pt"
-    A.AnoMemDetector(_tiny(epochs=1), progress=False).fit(train, checkpoint=ck)
+    A.AnoMemDetector(_tiny(epochs=2), progress=False).fit(train, checkpoint=ck)
     state = torch.load(ck, weights_only=True)
-    state["history"] = [123.0]  # a sentinel: only a resumed run can carry it on
+    state["history"], state["epoch"] = [123.0], 1  # as if cut off after epoch 1; the sentinel shows a resume
     torch.save(state, ck)
     c = A.AnoMemDetector(_tiny(epochs=2), progress=False).fit(train, checkpoint=ck)
     assert len(c.history) == 2 and c.history[0] == 123.0 and c.history[1] != 123.0
+    with pytest.raises(ValueError, match="other settings"):  # a checkpoint of other settings is refused
+        A.AnoMemDetector(_tiny(epochs=3), progress=False).fit(train, checkpoint=ck)
 
 
 def test_create_and_profiles():
