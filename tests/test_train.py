@@ -67,3 +67,29 @@ def test_predict_concatenates_tuples():
 def test_pick_device_is_cpu_here_or_named():
     assert train.pick_device("cpu") == "cpu"
     assert train.pick_device() in ("cpu", "cuda", "mps")
+
+
+def test_micro_batches_give_the_whole_batchs_update():
+    """Gradient accumulation over parts of 6, 6 and 4 items: the same weights as whole batches of 16."""
+    def run(micro):
+        torch.manual_seed(0)
+        x = torch.randn(64, 4)
+        y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+        loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        history = train.fit(model, loss_fn, loader, epochs=3, optimizer=opt, progress=False, micro_batch=micro)
+        return history, [p.detach().clone() for p in model.parameters()]
+
+    (h_whole, w_whole), (h_parts, w_parts) = run(None), run(6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(w_whole, w_parts))
+    assert all(abs(a - b) < 1e-6 for a, b in zip(h_whole, h_parts))
+
+
+def test_split_batch_cuts_tensors_and_per_item_lists():
+    batch = {"image": torch.arange(10).reshape(5, 2), "category": ["a", "b", "c", "d", "e"], "size": 64}
+    parts = train.split_batch(batch, 2)
+    assert [share for _, share in parts] == [0.4, 0.4, 0.2]
+    assert parts[2][0]["image"].tolist() == [[8, 9]] and parts[1][0]["category"] == ["c", "d"]
+    assert parts[0][0]["size"] == 64
+    assert train.split_batch(batch, 8) == [(batch, 1.0)]

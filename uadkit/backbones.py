@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-__all__ = ["WeightsUnavailable", "Backbone", "create", "available", "weights_path", "resize_aligned", "REGISTRY"]
+__all__ = ["WeightsUnavailable", "Backbone", "create", "available", "weights_path", "resize_aligned", "REGISTRY",
+           "shared", "release"]
 
 
 class WeightsUnavailable(RuntimeError):
@@ -212,7 +213,8 @@ def create(name: str, *, pretrained: bool = True) -> Backbone:
         classifier = net
         net = timm.create_model(entry.timm_name, pretrained=False, features_only=True)
         # features_only models share the classifier's parameter names for the layers they keep
-        state = {k: v for k, v in classifier.state_dict().items() if k in net.state_dict()}
+        keep = net.state_dict().keys()  # once: state_dict() per key made this quadratic (seconds for B4)
+        state = {k: v for k, v in classifier.state_dict().items() if k in keep}
         net.load_state_dict(state)
     return Backbone(name=name, model=net, kind=entry.kind, mean=mean, std=std)
 
@@ -243,3 +245,45 @@ def resize_aligned(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)  # out_h×out_w×2, (x, y)
     return torch.nn.functional.grid_sample(x, grid.expand(x.shape[0], -1, -1, -1), mode="bilinear",
                                            padding_mode="border", align_corners=True)
+
+
+# --------------------------------------------------------------------------- frozen networks shared by detectors
+
+_SHARED: dict[tuple, nn.Module] = {}
+
+
+def shared(name: str, *, pretrained: bool = True, device: str | torch.device = "cpu", build=None, **kw) -> nn.Module:
+    """One frozen network per (``name``, ``pretrained``, ``device``, ``build``, ``kw``) in this process, built on
+    first use and returned again afterwards: detectors that read the same frozen network hold one copy, not one each.
+
+    ``build(name, pretrained=..., **kw)`` makes it (default :func:`create`). On ``"meta"`` it is built there
+    directly and without weights (meta tensors hold no values; for :mod:`uadkit.cost`). The weights folder and
+    the dry-run switch are part of the key, so a random stand-in of a dry run is never handed out later. Callers
+    must not move or change a shared network; :func:`release` forgets them so that their memory can be freed.
+    """
+    from . import dryrun
+
+    build = build or create
+    dev = torch.device(device)
+    key = (name, bool(pretrained), str(dev), f"{build.__module__}.{build.__qualname__}", tuple(sorted(kw.items())),
+           str(weights_dir()), dryrun.active())
+    if key not in _SHARED:
+        if dev.type == "meta":
+            with torch.device("meta"):
+                _SHARED[key] = build(name, pretrained=False, **kw)
+        else:
+            _SHARED[key] = build(name, pretrained=pretrained, **kw).to(dev)
+    return _SHARED[key]
+
+
+def release(name: str | None = None) -> int:
+    """Forget the shared networks (all, or those of ``name``) and free what nobody else holds; returns how many."""
+    import gc
+
+    keys = [k for k in _SHARED if name is None or k[0] == name]
+    for k in keys:
+        del _SHARED[k]
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return len(keys)

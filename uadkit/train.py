@@ -24,8 +24,8 @@ from tqdm import tqdm  # text bars: readable in terminals, notebooks, Colab and 
 
 from .profiles import pick_device
 
-__all__ = ["seed_everything", "pick_device", "make_generator", "to_device", "fit", "predict", "load_checkpoint",
-           "use_amp", "autocast"]
+__all__ = ["seed_everything", "pick_device", "make_generator", "to_device", "split_batch", "fit", "predict",
+           "load_checkpoint", "use_amp", "autocast"]
 
 
 def use_amp(device: str, amp: bool | None = None) -> bool:
@@ -68,6 +68,40 @@ def to_device(batch, device):
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+def _batch_len(batch) -> int | None:
+    """Items in a batch: the length of its first tensor (a tensor, or inside a dict/list/tuple)."""
+    if isinstance(batch, torch.Tensor):
+        return len(batch)
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for v in values:
+        n = _batch_len(v)
+        if n is not None:
+            return n
+    return None
+
+
+def _take(batch, part: slice, n: int):
+    """Items ``part`` of a batch of ``n`` items: tensors and lists of length ``n`` are cut, the rest kept."""
+    if isinstance(batch, torch.Tensor):
+        return batch[part]
+    if isinstance(batch, dict):
+        return {k: _take(v, part, n) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        if all(not isinstance(v, (torch.Tensor, dict, list, tuple)) for v in batch) and len(batch) == n:
+            return type(batch)(batch[part])  # per-item values (names, categories)
+        return type(batch)(_take(v, part, n) for v in batch)
+    return batch
+
+
+def split_batch(batch, size: int) -> list[tuple[object, float]]:
+    """A batch cut into parts of at most ``size`` items, each with its share of the batch:
+    ``[(part, len(part) / len(batch)), ...]`` (the whole batch, share 1, when it is not larger)."""
+    n = _batch_len(batch)
+    if n is None or n <= size:
+        return [(batch, 1.0)]
+    return [(_take(batch, slice(lo, lo + size), n), min(size, n - lo) / n) for lo in range(0, n, size)]
 
 
 def _rng_state() -> dict:
@@ -140,7 +174,8 @@ def _check_fingerprint(path: Path, state: dict, expected: dict | None) -> None:
 
 def fit(model: torch.nn.Module, loss_fn: Callable, loader, *, epochs: int, optimizer: torch.optim.Optimizer,
         device: str = "cpu", checkpoint: str | os.PathLike | None = None, resume: bool = True,
-        amp: bool | None = None, scheduler=None, desc: str = "train", progress: bool = True) -> list[float]:
+        amp: bool | None = None, scheduler=None, desc: str = "train", progress: bool = True,
+        micro_batch: int | None = None) -> list[float]:
     """Train ``model`` for ``epochs`` epochs; returns the mean loss of every epoch.
 
     ``loss_fn(model, batch)`` returns a scalar; batches are moved to ``device`` first.
@@ -148,6 +183,11 @@ def fit(model: torch.nn.Module, loss_fn: Callable, loader, *, epochs: int, optim
     the CPU as well (see :func:`use_amp`). With ``checkpoint``, the state is saved after every
     epoch and, if ``resume``, a saved state is resumed. In a dry run (:mod:`uadkit.dryrun`)
     training stops after 1 epoch of at most ``dryrun.MAX_STEPS`` steps.
+
+    ``micro_batch``: gradient accumulation. Every batch is cut into parts of at most that many items
+    (:func:`split_batch`); each part's loss, weighted by its share of the batch, is back-propagated
+    before the batch's one optimiser step. For a loss that is a mean over the batch's items this is the
+    update of the whole batch, with the activations of one part in memory.
     """
     from . import dryrun
 
@@ -179,14 +219,17 @@ def fit(model: torch.nn.Module, loss_fn: Callable, loader, *, epochs: int, optim
             if max_steps is not None and count >= max_steps:
                 break
             batch = to_device(batch, device)
-            with autocast(device, amp_on):
-                loss = loss_fn(model, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss became {loss.item()} in epoch {epoch + 1}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            value = 0.0
+            for part, share in split_batch(batch, micro_batch) if micro_batch else [(batch, 1.0)]:
+                with autocast(device, amp_on):
+                    loss = loss_fn(model, part)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"{desc}: loss became {loss.item()} in epoch {epoch + 1}")
+                (loss if share == 1.0 else loss * share).backward()
+                value += loss.item() * share
             optimizer.step()
-            total, count = total + loss.item(), count + 1
+            total, count = total + value, count + 1
         if scheduler is not None:
             scheduler.step()
         history.append(total / max(count, 1))

@@ -65,11 +65,17 @@ def create(name: str, profile: str = "smoke", *, device: str | None = None, batc
            seed: int | None = None, progress: bool = True, pretrained: bool = True, **overrides) -> Detector:
     """A ready-to-fit detector of method ``name`` with the settings of ``profile``.
 
-    ``overrides`` replace fields of the method's config dataclass (e.g. ``k=3``).
+    ``overrides`` replace fields of the method's config dataclass (e.g. ``k=3``). ``batch_size`` is the
+    batch of ``fit``'s data loader and of ``predict``; for a method whose detector class sets
+    ``batch_size_trains = True`` (ADTR) it is also its training batch, ``config.batch_size``.
     """
     if name not in _FACTORIES:
         raise KeyError(f"unknown method {name!r}; available: {', '.join(available())}")
     p = get_profile(profile)
     config, cls = _FACTORIES[name](p, overrides)
+    if batch_size is not None and getattr(cls, "batch_size_trains", False):
+        import dataclasses
+
+        config = dataclasses.replace(config, batch_size=batch_size)
     return cls(config, pretrained=pretrained, device=device or p.device, batch_size=batch_size or p.batch_size,
                seed=p.seed if seed is None else seed, progress=progress)
