@@ -96,19 +96,38 @@ class KNNDetector(Detector):
     def __init__(self, config: KNNConfig | None = None, *, pretrained: bool = True, **kw):
         super().__init__(**kw)
         self.config = config or KNNConfig()
-        net = backbones.create(self.config.backbone, pretrained=pretrained)
+        net = backbones.shared(self.config.backbone, pretrained=pretrained, device=self.device)
         self.model = KNNModel(backbone=net, layers=self.config.layers, pool=self.config.pool).to(self.device)
 
     @torch.no_grad()
     def _fit(self, train_loader, checkpoint=None) -> None:  # nothing is trained: no checkpoint
-        patches = []
+        """Fill the memory bank batch by batch: only the patches it keeps are ever stored.
+
+        Above ``max_bank`` patches the bank is a uniform random subset (``torch.randperm`` with the
+        detector's seed over all ``n_images·h·w`` patch positions, drawn before the first batch), so
+        memory stays at ``max_bank × C`` however many training images there are.
+        """
+        n_images = len(train_loader.dataset)
+        bank, start, slots = None, 0, None
         for batch in train_loader:
             f = self.model.embed(batch["image"].to(self.device))
-            patches.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
-        bank = torch.cat(patches)
-        if len(bank) > self.config.max_bank:
-            g = torch.Generator().manual_seed(self.seed)
-            bank = bank[torch.randperm(len(bank), generator=g)[: self.config.max_bank].to(bank.device)]
+            patches = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])  # (B·h·w)×C
+            if bank is None:
+                total = n_images * (len(patches) // len(f))  # patch positions of the whole training set
+                if total > self.config.max_bank:
+                    g = torch.Generator().manual_seed(self.seed)
+                    keep = torch.randperm(total, generator=g)[: self.config.max_bank]  # bank row j ← position keep[j]
+                    positions, rows = keep.sort()
+                    slots = (positions, rows)
+                bank = patches.new_empty(min(total, self.config.max_bank), patches.shape[1])
+            end = start + len(patches)
+            if slots is None:
+                bank[start:end] = patches
+            else:
+                positions, rows = slots
+                lo, hi = (int(torch.searchsorted(positions, v)) for v in (start, end))
+                bank[rows[lo:hi].to(bank.device)] = patches[(positions[lo:hi] - start).to(bank.device)]
+            start = end
         self.model.remember(bank)
 
     def _predict_batch(self, images):
