@@ -148,3 +148,121 @@ def test_paper_profile_on_a_fake_mvtec_tree(tmp_path, monkeypatch):
     assert det.embed.channels == 720 and det.config.dim == 256 and det.config.encoder_layers == 4
     scores, maps = det.fit(train).predict(test)
     assert scores.shape == (3,) and maps.shape == (3, 1, 64, 64) and torch.isfinite(maps).all()
+
+
+def test_create_batch_size_is_the_training_batch(monkeypatch):
+    """create("adtr", batch_size=128) is the paper's CIFAR-10 setting: it must be the batch ADTR trains at."""
+    assert uadkit.models.create("adtr", profile="paper", batch_size=128, pretrained=False).config.batch_size == 128
+    seen = []
+    real_fit = A.train.fit
+    monkeypatch.setattr(A.train, "fit", lambda model, loss, data, **kw: seen.append(data.batch_size) or
+                        real_fit(model, loss, data, **kw))
+    train = get_dataset("mini/brick", "train", n_train=14, image_size=32)
+    det = uadkit.models.create("adtr", progress=False, epochs=1, lr_drop_epoch=1, batch_size=7).fit(train)
+    assert det.config.batch_size == 7 and seen == [7]
+
+
+def test_feature_store_in_memory_and_on_disk_agree():
+    g = torch.Generator().manual_seed(0)
+    chunks = [(torch.randn(n, 5, 3, 2, generator=g), torch.rand(n, 3, 2, generator=g)) for n in (4, 4, 3)]
+    stores = []
+    for mb in (100, 0):
+        store = A.FeatureStore(memory_mb=mb)
+        for f, y in chunks:
+            store.add(f, y)
+        stores.append(store.finish())
+    ram, disk = stores
+    assert not ram.on_disk and disk.on_disk and len(ram) == len(disk) == 11 and disk.grid == (3, 2)
+    for i in range(11):
+        assert all(torch.equal(a, b) for a, b in zip(ram[i], disk[i]))
+    assert torch.allclose(ram.mean(), disk.mean(), atol=1e-6)
+    folder = disk.folder.name
+    disk.close()
+    import os
+    assert not os.path.exists(folder)
+    spilled = A.FeatureStore(memory_mb=0.0002)  # 4×5×3×2 floats = 480 B fit, the second chunk spills to disk
+    for f, y in chunks:
+        spilled.add(f, y)
+    spilled.finish()
+    assert spilled.on_disk and all(torch.equal(a, b) for a, b in zip(spilled[5], ram[5]))
+    assert torch.allclose(spilled.mean(), ram.mean(), atol=1e-6)
+    spilled.close()
+
+
+def test_chunks_cut_like_the_concatenation():
+    parts = [(torch.arange(n),) for n in (3, 5, 1, 4)]
+    out = [c[0].tolist() for c in A._chunks(iter(parts), 4)]
+    assert out == [[0, 1, 2, 0], [1, 2, 3, 4], [0, 0, 1, 2], [3]]
+
+
+def test_fit_on_disk_features_trains_like_in_memory():
+    """The paper profile keeps no training features in memory: the same fit, from files, ends where
+    the in-memory one does (only the mean feature that initialises the bias is summed in another order)."""
+    train = get_dataset("mini/brick", "train", n_train=12, image_size=32)
+    runs = [uadkit.models.create("adtr", progress=False, epochs=2, lr_drop_epoch=2, batch_size=4,
+                                 features_in_memory_mb=mb).fit(train) for mb in (1024, 0)]
+    assert runs[0].history == pytest.approx(runs[1].history, rel=1e-4)
+
+
+def test_finetune_reads_datasets_and_synthesised_streams():
+    """ADTR+ takes datasets and anomalies synthesised while they are read, as it takes tensors, with the same result."""
+    from uadkit import synth
+
+    train = get_dataset("mini/gravel", "train", n_train=6, image_size=32)
+    other = get_dataset("mini/grass", "train", n_train=4, image_size=32)
+    base = uadkit.models.create("adtr", progress=False, epochs=1, lr_drop_epoch=1, batch_size=4).fit(train)
+    import copy
+
+    def confetti(n):
+        g = torch.Generator().manual_seed(0)
+        return [synth.confetti_noise(train[i]["image"], generator=g) for i in range(n)]
+
+    pairs = confetti(6)
+    a, b, c, d = (copy.deepcopy(base) for _ in range(4))
+    a.finetune(train.images, (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])), labels="pixel", epochs=2)
+    b.finetune(train, ({"image": x, "mask": m} for x, m in confetti(6)), labels="pixel", epochs=2)
+    c.finetune(train.images, other.images, labels="image", epochs=1, k=4)
+    d.finetune(train, other, labels="image", epochs=1, k=4)
+    assert a.history == b.history and c.history == d.history
+
+
+def test_detectors_share_one_frozen_backbone():
+    import copy
+
+    one, two = (uadkit.models.create("adtr", progress=False) for _ in range(2))
+    assert one.embed.backbone is two.embed.backbone
+    train = get_dataset("mini/brick", "train", n_train=4, image_size=32)
+    one = uadkit.models.create("adtr", progress=False, epochs=1, lr_drop_epoch=1, batch_size=4).fit(train)
+    twin = copy.deepcopy(one)
+    assert twin.embed is one.embed and twin.model.embed is one.embed
+    assert twin.model.expand.weight is not one.model.expand.weight
+    assert not any(k.startswith("embed") for k in one.model.state_dict())  # checkpoints hold what trains
+
+
+def test_training_step_and_prediction_on_the_meta_device():
+    """Everything a step and a prediction build lives on the input's device (a CPU tensor would raise here)."""
+    from uadkit import backbones
+
+    cfg = A.ADTRConfig.for_profile("paper")
+    det = uadkit.models.create("adtr", profile="paper", pretrained=False, progress=False)
+    det.embed = A.MultiScaleFeatures(backbone=backbones.create(cfg.backbone, pretrained=False), layers=cfg.layers,
+                                     stride=cfg.feature_stride).to("meta")  # a private copy: the shared one stays put
+    det.model = A.ADTRModel(embed=det.embed, grid=(16, 16), config=cfg).to("meta")
+    f = torch.ones(2, 720, 16, 16, device="meta")
+    phi = A.pseudo_huber(A.feature_difference(f, det.model.reconstruct(f)))
+    loss = (A.feature_mse(f, det.model.reconstruct(f)) + A.push_pull_loss(phi, torch.ones(2, 16, 16, device="meta"), 0.003)
+            + A.topk_image_loss(phi, torch.ones(2, device="meta"), 20, 0.003))
+    loss.backward()
+    assert det.model.expand.weight.grad.device.type == "meta"
+    scores, maps = det._predict_batch(torch.ones(2, 3, 256, 256, device="meta"))
+    assert scores.shape == (2,) and maps.shape == (2, 1, 256, 256) and maps.device.type == "meta"
+
+
+def test_fit_memory_does_not_grow_with_the_training_set(tmp_path):
+    """Paper profile at 256 px (EfficientNet-B4 layer1-5, 720 channels on 16×16): the old fit held every
+    training image and its features at once (0.8 + 0.7 MB per image, copies included +275 MB from 16 to
+    128 images); now the features go to a file batch by batch and are read back per batch. Margin: 60 MB."""
+    from memory import fit_peak_mb
+
+    small, large = fit_peak_mb("adtr", 16, tmp_path), fit_peak_mb("adtr", 128, tmp_path)
+    assert large - small < 60, f"peak memory grew from {small:.0f} MB (16 images) to {large:.0f} MB (128 images)"

@@ -21,21 +21,26 @@ patches instead of features), and ``layers`` (last layer vs multi-scale).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import backbones, train
+from .. import backbones, dryrun, train
 from ..backbones import resize_aligned
+from ..data.base import loader
 from .base import Detector
 
 __all__ = [
     "ADTRConfig", "MultiScaleFeatures", "PixelPatches", "ADTRModel",
     "feature_difference", "anomaly_map", "image_score",
-    "feature_mse", "pseudo_huber", "push_pull_loss", "topk_image_loss", "ADTRDetector",
+    "feature_mse", "pseudo_huber", "push_pull_loss", "topk_image_loss", "FeatureStore", "ADTRDetector",
 ]
 
 
@@ -62,7 +67,8 @@ class ADTRConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     lr_drop_epoch: int = 400  # lr × 0.1 from this epoch on
-    batch_size: int = 16
+    batch_size: int = 16  # training batch (paper: 16 on MVTec AD, 128 on CIFAR-10); create(batch_size=) sets it
+    features_in_memory_mb: float = 0.0  # frozen training features kept in RAM up to this size, beyond it on disk
 
     @classmethod
     def for_profile(cls, profile: str = "smoke", **overrides) -> "ADTRConfig":
@@ -71,7 +77,7 @@ class ADTRConfig:
         if get(profile).is_smoke:
             base = cls(backbone="efficientnet_lite0", layers=(0, 1, 2, 3), feature_stride=8, dim=64, heads=4,
                        ffn=128, encoder_layers=2, decoder_layers=2, epochs=30, lr=2e-3, lr_drop_epoch=25,
-                       batch_size=25)
+                       batch_size=25, features_in_memory_mb=1024)
         else:
             base = cls()
         return dataclasses.replace(base, **overrides)
@@ -224,7 +230,9 @@ class ADTRModel(nn.Module):
     def __init__(self, *, embed: nn.Module, grid: tuple[int, int], config: ADTRConfig):
         super().__init__()
         c, d = embed.channels, config.dim
-        self.embed, self.grid = embed, grid
+        # the frozen embedding is used, not owned: it is no submodule, so checkpoints hold only what trains
+        object.__setattr__(self, "embed", embed)
+        self.grid = grid
         self.reduce, self.expand = nn.Conv2d(c, d, 1), nn.Conv2d(d, c, 1)
         if config.reconstructor == "transformer":
             self.reconstructor = TransformerReconstructor(
@@ -309,13 +317,187 @@ def topk_image_loss(phi: torch.Tensor, y: torch.Tensor, k: int, alpha: float, ep
     return ((1 - y) * q - alpha * y * torch.log(1 - torch.exp(-q) + eps)).mean()
 
 
+# --------------------------------------------------------------------------- frozen features, once
+
+class FeatureStore(torch.utils.data.Dataset):
+    """The frozen features ``f`` (and per-item labels) of a set of images, computed once and read per batch.
+
+    The backbone is frozen and ADTR augments nothing, so an image's features are the same in every
+    epoch: :meth:`ADTRDetector._store` computes them batch by batch in one pass and adds them here.
+    Up to ``memory_mb`` they stay in memory; beyond that everything goes to files in a temporary
+    folder and each item is read back when a batch asks for it, so memory does not grow with the
+    training set. Items are tuples ``(f,)`` or ``(f, y)``, as a ``TensorDataset``'s are.
+    """
+
+    def __init__(self, *, memory_mb: float):
+        self.memory_mb = memory_mb
+        self.parts: list[list[torch.Tensor]] | None = None  # per field, the chunks held in memory
+        self.tensors: list[torch.Tensor] | None = None  # per field, all items (in memory, after finish())
+        self.shapes: list[tuple[int, ...]] = []  # per field, one item's shape
+        self.files: list = []  # per field, an open file (on disk)
+        self.folder: tempfile.TemporaryDirectory | None = None
+        self.n, self.nbytes = 0, 0
+        self.channel_sum: torch.Tensor | None = None  # Σ f over items and positions, float64, C (on disk)
+
+    def add(self, *fields: torch.Tensor) -> None:
+        """Append a chunk: ``fields[0]`` features B×C×h×w, then any labels B×… (CPU tensors)."""
+        fields = [t.detach().to("cpu", torch.float32).contiguous() for t in fields]
+        if self.parts is None:
+            self.parts, self.shapes = [[] for _ in fields], [tuple(t.shape[1:]) for t in fields]
+        self.n += len(fields[0])
+        self.nbytes += sum(t.numel() * 4 for t in fields)
+        if not self.files and self.nbytes > self.memory_mb * 2**20:
+            self._to_disk()
+        if self.files:
+            self._sum(fields[0])
+            for fh, t in zip(self.files, fields):
+                fh.write(t.numpy().tobytes())
+        else:
+            for part, t in zip(self.parts, fields):
+                part.append(t)
+
+    def _to_disk(self) -> None:
+        self.folder = tempfile.TemporaryDirectory(prefix="uadkit-adtr-features-")
+        self.files = [open(Path(self.folder.name) / f"field{j}.f32", "w+b") for j in range(len(self.parts))]
+        for part, fh in zip(self.parts, self.files):
+            for t in part:
+                fh.write(t.numpy().tobytes())
+        for f in self.parts[0]:
+            self._sum(f)
+        self.parts = [[] for _ in self.parts]
+
+    def _sum(self, f: torch.Tensor) -> None:
+        s = f.double().sum(dim=(0, 2, 3))  # C
+        self.channel_sum = s if self.channel_sum is None else self.channel_sum + s
+
+    def finish(self) -> "FeatureStore":
+        """After the last :meth:`add`: ready to be read."""
+        if self.parts is None:
+            raise ValueError("no features were added")
+        if self.files:
+            for fh in self.files:
+                fh.flush()
+        else:
+            self.tensors = [torch.cat(part) for part in self.parts]
+            self.parts = None
+        return self
+
+    @property
+    def on_disk(self) -> bool:
+        return bool(self.files)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.shapes[0][-2:])
+
+    def mean(self) -> torch.Tensor:
+        """The mean feature over all items and positions, C."""
+        if self.tensors is not None:
+            return self.tensors[0].mean(dim=(0, 2, 3))
+        h, w = self.grid
+        return (self.channel_sum / (self.n * h * w)).float()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        if self.tensors is not None:
+            return tuple(t[i] for t in self.tensors)
+        out = []
+        for fh, shape in zip(self.files, self.shapes):
+            count = int(np.prod(shape, dtype=np.int64))
+            buf = np.empty(count, dtype=np.float32)
+            fh.seek(int(i) * count * 4)
+            fh.readinto(memoryview(buf).cast("B"))
+            out.append(torch.from_numpy(buf).view(shape))
+        return tuple(out)
+
+    def close(self) -> None:
+        for fh in self.files:
+            fh.close()
+        self.files, self.tensors, self.parts = [], None, None
+        if self.folder is not None:
+            self.folder.cleanup()
+            self.folder = None
+
+    def __enter__(self) -> "FeatureStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _chunks(stream, size: int):
+    """Re-cut a stream of tuples of tensors (equal first dimension) into chunks of ``size`` rows, the
+    last one shorter: the same chunks as cutting the concatenation of the whole stream."""
+    held, count = [], 0
+    for part in stream:
+        held.append(part)
+        count += len(part[0])
+        while count >= size:
+            joined = [torch.cat(ts) for ts in zip(*held)]
+            yield tuple(t[:size] for t in joined)
+            rest = tuple(t[size:] for t in joined)
+            count -= size
+            held = [rest] if count else []
+    if count:
+        yield tuple(torch.cat(ts) for ts in zip(*held))
+
+
+def _image_batches(source, batch_size: int, *, with_masks: bool = False):
+    """Batches ``(images B×3×H×W,)`` or ``(images, masks B×1×H×W)`` of any image source the detector accepts:
+    a tensor N×3×H×W, a pair of tensors (images, masks), a DataLoader of item dicts, a dataset of item
+    dicts, or any iterable of item dicts (e.g. anomalies synthesised as they are read)."""
+    if isinstance(source, torch.Tensor):
+        source = (source,)
+    if isinstance(source, (tuple, list)) and source and all(isinstance(t, torch.Tensor) for t in source):
+        images = source[0]
+        masks = source[1] if len(source) > 1 else None
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size]
+            if with_masks:
+                m = masks[i:i + batch_size] if masks is not None else torch.zeros(len(x), 1, *x.shape[-2:])
+                yield x, m
+            else:
+                yield (x,)
+        return
+    if isinstance(source, torch.utils.data.DataLoader):
+        batches = iter(source)
+    elif isinstance(source, torch.utils.data.Dataset) and hasattr(source, "__len__"):
+        batches = iter(loader(source, batch_size=batch_size))
+    else:  # an iterable of item dicts
+        def grouped():
+            group = []
+            for item in source:
+                group.append(item)
+                if len(group) == batch_size:
+                    yield {k: torch.stack([it[k] for it in group]) for k in ("image", "mask") if k in group[0]}
+                    group = []
+            if group:
+                yield {k: torch.stack([it[k] for it in group]) for k in ("image", "mask") if k in group[0]}
+        batches = grouped()
+    for batch in batches:
+        x = batch["image"]
+        if with_masks:
+            m = batch.get("mask")
+            yield x, (m if m is not None else torch.zeros(len(x), 1, *x.shape[-2:]))
+        else:
+            yield (x,)
+
+
 # --------------------------------------------------------------------------- the detector interface
 
 class ADTRDetector(Detector):
     """ADTR behind the book's interface: ``fit`` trains the reconstructor on normal images
-    (Eq. (1)); ``finetune`` adapts it to anomalies (ADTR+, Eq. (7) or Eq. (9))."""
+    (Eq. (1)); ``finetune`` adapts it to anomalies (ADTR+, Eq. (7) or Eq. (9)).
+
+    The frozen features of the training images are computed once per training, in batches, and
+    read back per training batch (:class:`FeatureStore`); ``create("adtr", batch_size=...)`` sets
+    the training batch (``config.batch_size``) as well as the batch of feature extraction and prediction.
+    """
 
     name = "adtr"
+    batch_size_trains = True  # uadkit.models.create(batch_size=) sets config.batch_size too
 
     def __init__(self, config: ADTRConfig | None = None, *, pretrained: bool = True, **kw):
         super().__init__(**kw)
@@ -323,7 +505,7 @@ class ADTRDetector(Detector):
         if c.target == "pixels":
             self.embed = PixelPatches(stride=c.feature_stride)
         elif c.target == "features":
-            net = backbones.create(c.backbone, pretrained=pretrained)
+            net = backbones.shared(c.backbone, pretrained=pretrained, device=self.device)
             self.embed = MultiScaleFeatures(backbone=net, layers=c.layers, stride=c.feature_stride)
         else:
             raise ValueError(f"target must be 'features' or 'pixels', got {c.target!r}")
@@ -331,21 +513,41 @@ class ADTRDetector(Detector):
         self.model: ADTRModel | None = None
         self.history: list[float] = []
 
+    def __deepcopy__(self, memo):
+        """A copy with its own reconstructor that shares the frozen embedding (and its backbone)."""
+        memo[id(self.embed)] = self.embed
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            setattr(new, key, copy.deepcopy(value, memo))
+        if new.model is not None:
+            object.__setattr__(new.model, "embed", self.embed)
+        return new
+
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen embeddings f of images N×3×H×W, computed in batches: N×C×h×w on the CPU."""
         return torch.cat([self.embed(images[i:i + self.batch_size].to(self.device)).cpu()
                           for i in range(0, len(images), self.batch_size)])
 
-    def _images(self, loader) -> torch.Tensor:
-        return torch.cat([batch["image"] for batch in loader])
+    @torch.no_grad()
+    def _store(self, stream, *, label=None) -> FeatureStore:
+        """Features of every image of ``stream`` (tuples ``(images,)`` or ``(images, y_source)``), computed in
+        chunks of ``batch_size`` and added to a :class:`FeatureStore`, with ``label(chunk)`` as a second field."""
+        store = FeatureStore(memory_mb=self.config.features_in_memory_mb)
+        try:
+            for chunk in _chunks(stream, self.batch_size):
+                f = self.embed(chunk[0].to(self.device))  # B×C×h×w
+                store.add(f, *([] if label is None else [label(chunk, f.shape[-2:])]))
+            return store.finish()
+        except BaseException:
+            store.close()
+            raise
 
-    def _train(self, feats: torch.Tensor, loss_fn, *, epochs: int, lr: float, drop: int, checkpoint, desc: str,
-               extra: torch.Tensor | None = None):
-        """AdamW on the reconstructor over precomputed features (the backbone is frozen)."""
-        tensors = (feats,) if extra is None else (feats, extra)
-        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*tensors), batch_size=self.config.batch_size,
-                                           shuffle=True, generator=torch.Generator().manual_seed(self.seed))
+    def _train(self, store: FeatureStore, loss_fn, *, epochs: int, lr: float, drop: int, checkpoint, desc: str):
+        """AdamW on the reconstructor over the stored features (the backbone is frozen)."""
+        data = torch.utils.data.DataLoader(store, batch_size=self.config.batch_size, shuffle=True,
+                                           generator=torch.Generator().manual_seed(self.seed))
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.config.weight_decay)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[drop], gamma=0.1)
@@ -354,13 +556,13 @@ class ADTRDetector(Detector):
 
     def _fit(self, train_loader, checkpoint=None) -> None:
         torch.manual_seed(self.seed)
-        feats = self.features(self._images(train_loader))
-        self.model = ADTRModel(embed=self.embed, grid=tuple(feats.shape[-2:]), config=self.config).to(self.device)
-        with torch.no_grad():  # start from the mean feature rather than from 0 (features are large; see notes)
-            self.model.expand.bias.copy_(feats.mean(dim=(0, 2, 3)))
-        c = self.config
-        self.history = self._train(feats, lambda m, b: feature_mse(b[0], m.reconstruct(b[0])), epochs=c.epochs,
-                                   lr=c.lr, drop=c.lr_drop_epoch, checkpoint=checkpoint, desc="ADTR")
+        with self._store(_image_batches(train_loader, self.batch_size)) as store:
+            self.model = ADTRModel(embed=self.embed, grid=store.grid, config=self.config).to(self.device)
+            with torch.no_grad():  # start from the mean feature rather than from 0 (features are large; see notes)
+                self.model.expand.bias.copy_(store.mean())
+            c = self.config
+            self.history = self._train(store, lambda m, b: feature_mse(b[0], m.reconstruct(b[0])), epochs=c.epochs,
+                                       lr=c.lr, drop=c.lr_drop_epoch, checkpoint=checkpoint, desc="ADTR")
 
     def finetune(self, normal, anomalies, *, labels: str, epochs: int, alpha: float = 0.003, k: int = 20,
                  lr: float | None = None, lr_drop_epoch: int | None = None, checkpoint=None) -> list[float]:
@@ -369,31 +571,39 @@ class ADTRDetector(Detector):
         The learning rate drops ×0.1 at ``lr_drop_epoch`` (default: two thirds of ``epochs``, the
         paper's epoch 200 of 300).
 
-        ``labels="pixel"``: ``anomalies`` is ``(images, masks)``, e.g. confetti noise on normal
-        images; loss Eq. (7) with y(u) = 1 where at least a quarter of a feature cell is anomalous.
-        ``labels="image"``: ``anomalies`` is a tensor of anomalous images (another class or
-        category); loss Eq. (9) on the top-``k`` mean of φ. ``normal`` is N×3×H×W.
+        ``normal``: the normal training images, a dataset of item dicts or a tensor N×3×H×W.
+        ``labels="pixel"``: ``anomalies`` has images and masks, e.g. confetti noise on normal images:
+        a pair of tensors ``(images, masks)``, a dataset, or an iterable of item dicts ``{"image", "mask"}``
+        (read once, in order, so anomalies may be synthesised as they are read); loss Eq. (7) with
+        y(u) = 1 where at least a quarter of a feature cell is anomalous.
+        ``labels="image"``: ``anomalies`` are anomalous images (another class or category: a tensor, a
+        dataset or an iterable of item dicts); loss Eq. (9) on the top-``k`` mean of φ.
         ``labels="none"``: the control, more epochs of Eq. (1) on ``normal`` alone (``anomalies`` unused).
         """
         if self.model is None:
             raise RuntimeError("finetune() continues a fitted model: call fit() first")
+        bs = self.batch_size
         if labels == "pixel":
-            images, masks = anomalies
-            y = F.adaptive_avg_pool2d(torch.cat([torch.zeros(len(normal), 1, *masks.shape[-2:]), masks]),
-                                      self.model.grid)[:, 0].ge(0.25).float()  # N×h×w
-            feats = self.features(torch.cat([normal, images]))
+            stream = _chain(_image_batches(normal, bs, with_masks=True), _image_batches(anomalies, bs, with_masks=True))
+            grid = self.model.grid
+            label = lambda chunk, _: F.adaptive_avg_pool2d(chunk[1], grid)[:, 0].ge(0.25).float()  # noqa: E731  N×h×w
             loss = lambda m, b: push_pull_loss(pseudo_huber(feature_difference(b[0], m.reconstruct(b[0]))), b[1], alpha)  # noqa: E731
         elif labels == "image":
-            feats = self.features(torch.cat([normal, anomalies]))
-            y = torch.cat([torch.zeros(len(normal)), torch.ones(len(anomalies))])
+            stream = _chain(_labelled(_image_batches(normal, bs), 0.0), _labelled(_image_batches(anomalies, bs), 1.0))
+            label = lambda chunk, _: chunk[1]  # noqa: E731
             loss = lambda m, b: topk_image_loss(pseudo_huber(feature_difference(b[0], m.reconstruct(b[0]))), b[1], k, alpha)  # noqa: E731
         elif labels == "none":
-            feats, y = self.features(normal), torch.zeros(len(normal))
+            stream, label = _labelled(_image_batches(normal, bs), 0.0), (lambda chunk, _: chunk[1])
             loss = lambda m, b: feature_mse(b[0], m.reconstruct(b[0]))  # noqa: E731
         else:
             raise ValueError(f"labels must be 'pixel', 'image' or 'none', got {labels!r}")
-        history = self._train(feats, loss, epochs=epochs, lr=lr or self.config.lr, drop=lr_drop_epoch or max(1, round(epochs * 2 / 3)),
-                              checkpoint=checkpoint, desc=f"ADTR+ ({labels} labels)", extra=y)
+        lr, drop = lr or self.config.lr, lr_drop_epoch or max(1, round(epochs * 2 / 3))
+        settings = {"method": "adtr+", "config": dataclasses.asdict(self.config), "labels": labels, "epochs": epochs,
+                    "alpha": alpha, "k": k, "lr": lr, "lr_drop_epoch": drop, "batch_size": self.batch_size,
+                    "seed": self.seed, "dry_run": dryrun.active()}
+        with self._store(stream, label=label) as store, train.fingerprint({**settings, "n_train": len(store)}):
+            history = self._train(store, loss, epochs=epochs, lr=lr, drop=drop, checkpoint=checkpoint,
+                                  desc=f"ADTR+ ({labels} labels)")
         self.history += history
         return history
 
@@ -404,7 +614,22 @@ class ADTRDetector(Detector):
         return image_score(maps, pool + 1 - pool % 2), maps  # an odd window stays centred
 
     @torch.no_grad()
-    def difference_vectors(self, images: torch.Tensor) -> torch.Tensor:
-        """d(:, u) of Eq. (2) for every cell: N×C×h×w (for the t-SNE of Fig. 5)."""
-        f = self.features(images).to(self.device)
-        return feature_difference(f, self.model.reconstruct(f)).cpu()
+    def difference_vectors(self, images) -> torch.Tensor:
+        """d(:, u) of Eq. (2) for every cell of ``images`` (a tensor N×3×H×W or a dataset), computed in
+        batches: N×C×h×w on the CPU (for the t-SNE of Fig. 5; pass a subset of a large test set)."""
+        out = []
+        for (x,) in _image_batches(images, self.batch_size):
+            f = self.embed(x.to(self.device))
+            out.append(feature_difference(f, self.model.reconstruct(f)).cpu())
+        return torch.cat(out)
+
+
+def _chain(*streams):
+    for stream in streams:
+        yield from stream
+
+
+def _labelled(batches, value: float):
+    """``(images,)`` batches → ``(images, y)`` with image label y = ``value`` for every image."""
+    for (x,) in batches:
+        yield x, torch.full((len(x),), value)
