@@ -239,3 +239,78 @@ def test_data_scripts_fail_fast_offline(tmp_path):
 
     for url, _ in hyper_kvasir.SOURCES.values():
         assert url.startswith("https://datasets.simula.no/")
+
+
+# --------------------------------------------------------------------------- mixed precision, memory, devices
+
+def test_training_step_under_cpu_bf16_autocast():
+    """CUDA AMP's path, on the CPU: decoder_embed gives bf16 tokens while the mask token and the memory
+    are float32; the scatter into the mask tokens must not fail, and the loss must be float32."""
+    from uadkit import train as T
+
+    torch.manual_seed(0)
+    model = M.MemMCMAE(image_size=32, config=_config())
+    det = M.MemMCDetector(_config(), device="cpu", progress=False)
+    x = torch.rand(3, 3, 32, 32)
+    with T.autocast("cpu", True):
+        pred = model(x, M.random_masking(model.n_tokens, 3, 0.75)[0])
+        loss = det._loss(model, x, torch.Generator().manual_seed(0))
+    assert pred.dtype == torch.bfloat16  # autocast is really on
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert model.mask_token.grad is not None and model.mask_token.grad.abs().sum() > 0
+    assert model.encoder[0].attn.memory_k.grad.abs().sum() > 0  # the memory read-out is trained under AMP too
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_fit_in_a_dry_run_uses_amp_and_reads_only_its_batches(monkeypatch):
+    """In a dry run fit() trains under bf16 autocast on the CPU, 2 steps of DRY_RUN_BATCH images; the
+    training images are read per batch, never all at once."""
+    from uadkit import dryrun
+
+    monkeypatch.setenv("UADKIT_DRY_RUN", "1")
+    reads = []
+
+    class Counting(torch.utils.data.Dataset):
+        def __init__(self, base):
+            self.base = base
+
+        def __len__(self):
+            return len(self.base)
+
+        def __getitem__(self, i):
+            reads.append(i)
+            return self.base[i]
+
+    train = Counting(get_dataset("mini/phantom", "train", n_train=64, image_size=32))
+    det = M.MemMCDetector(_config(batch_size=16, epochs=3), device="cpu", progress=False).fit(train)
+    assert len(det.history) == 1 and np.isfinite(det.history[0])  # 1 epoch, trained under autocast
+    # dataset[0] in Detector.fit and in _fit, then MAX_STEPS batches and the one fit() reads before it stops
+    assert len(reads) <= 2 + (dryrun.MAX_STEPS + 1) * M.DRY_RUN_BATCH < 64
+
+
+def test_fit_memory_does_not_grow_with_the_training_set(tmp_path):
+    """Peak memory of a paper-profile fit (ViT-B widths, 16-px patches, 224 px, dry-run caps; 2 + 2 layers
+    so that it takes seconds) grows by less than 30 MB from 16 to 128 training images. Holding the images
+    (128 × 3 × 224² float32 = 77 MB) measured about 60 MB more than 16 of them; reading per batch, 0-10 MB."""
+    from memory import fit_peak_mb
+
+    small = fit_peak_mb("memmc_mae", 16, tmp_path, image_size=224, depth=2, decoder_depth=2)
+    large = fit_peak_mb("memmc_mae", 128, tmp_path, image_size=224, depth=2, decoder_depth=2)
+    assert large - small < 30, f"peak memory {small:.0f} MB with 16 images, {large:.0f} MB with 128"
+
+
+def test_a_training_step_and_a_prediction_on_the_meta_device():
+    """Every tensor the method builds follows the images' device: on "meta" a CPU-built tensor would raise.
+    (Random crops and masks are drawn on the CPU from a CPU generator and moved: the same masks on every device.)"""
+    c = _config(mask_seeds=2)
+    det = M.MemMCDetector(c, device="meta", progress=False)
+    with torch.device("meta"):
+        det.model = M.MemMCMAE(image_size=32, config=c)
+    x = torch.ones(2, 3, 32, 32, device="meta")
+    det.model.train()
+    loss = det._loss(det.model, x, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert loss.device.type == "meta" and det.model.embed.weight.grad.device.type == "meta"
+    scores, maps = det._predict_batch(x)
+    assert scores.shape == (2,) and maps.shape == (2, 1, 32, 32) and maps.device.type == "meta"

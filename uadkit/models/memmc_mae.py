@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import train
+from .. import dryrun, train
 from .base import Detector
 
 __all__ = [
@@ -65,6 +65,7 @@ class MemMCConfig:
     lr: float = 1.5e-3
     weight_decay: float = 0.05
     batch_size: int = 256
+    micro_batch: int | None = 64  # images per forward/backward pass; gradients of a batch are summed over its parts
     augment: bool = True  # RandomResizedCrop during training
     crop_scale: tuple[float, float] = (0.8, 1.0)  # its area range (not given in the paper)
     mask_seeds: int = 10  # masks averaged at test time (Sec. 2.2)
@@ -79,7 +80,7 @@ class MemMCConfig:
         if get(profile).is_smoke:  # 64-px images: 8×8 patches → 64 tokens, a small ViT from scratch
             base = cls(patch=8, dim=64, depth=4, heads=4, decoder_dim=64, decoder_depth=2, decoder_heads=4,
                        mlp_ratio=2.0, memory_slots=10, epochs=20, warmup_epochs=5, lr=1.5e-3, batch_size=32,
-                       ssim_scales=3, ssim_window=7)
+                       micro_batch=None, ssim_scales=3, ssim_window=7)
         else:
             base = cls()
         return dataclasses.replace(base, **overrides)
@@ -151,9 +152,9 @@ class MemoryAttention(nn.Module):
         """x B×n×D → (output B×n×D, attention weights B×heads×n×(n + slots))."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # each B×n×D
-        if self.slots:
-            k = torch.cat([k, self.memory_k.expand(b, -1, -1)], dim=1)  # B×(n+m)×D
-            v = torch.cat([v, self.memory_v.expand(b, -1, -1)], dim=1)
+        if self.slots:  # the memory in the keys' dtype: bf16 under autocast, like W_K X
+            k = torch.cat([k, self.memory_k.to(k.dtype).expand(b, -1, -1)], dim=1)  # B×(n+m)×D
+            v = torch.cat([v, self.memory_v.to(v.dtype).expand(b, -1, -1)], dim=1)
         split = lambda t: t.reshape(b, t.shape[1], self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
         q, k, v = split(q), split(k), split(v)  # B×h×(n or n+m)×D/h
         attn = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // self.heads), dim=-1)  # B×h×n×(n+m)
@@ -300,8 +301,8 @@ class MemMCMAE(nn.Module):
     def decode(self, latent: torch.Tensor, levels: list[torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
         """latent B×n×De → all N tokens (visible ones projected, mask tokens elsewhere) → patches B×N×(p·p·3)."""
         b, n_vis = keep.shape
-        v = self.decoder_embed(latent)  # B×n×Dd
-        y = self.mask_token.expand(b, self.n_tokens, -1).clone()  # B×N×Dd
+        v = self.decoder_embed(latent)  # B×n×Dd (bf16 under autocast)
+        y = self.mask_token.to(v.dtype).expand(b, self.n_tokens, -1).clone()  # B×N×Dd, in v's dtype for scatter
         y = y.scatter(1, keep[..., None].expand(-1, -1, v.shape[-1]), v)
         y = y + self.decoder_pos
         y, _ = _run_with_skips(self.decoder, y, self.config.unet_skips, levels)
@@ -324,8 +325,9 @@ class MemMCMAE(nn.Module):
 # --------------------------------------------------------------------------- loss
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """MAE's loss: mean squared error per patch (B×N×P), averaged over the *masked* patches only (mask 1)."""
-    per_patch = (pred - target).pow(2).mean(dim=-1)  # B×N
+    """MAE's loss: mean squared error per patch (B×N×P), averaged over the *masked* patches only (mask 1).
+    Computed in float32 whatever the prediction's dtype (bf16 under autocast)."""
+    per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)  # B×N
     return (per_patch * mask).sum() / mask.sum()
 
 
@@ -357,7 +359,7 @@ def ms_ssim_map(x: torch.Tensor, y: torch.Tensor, *, scales: int = 5, window: in
     """A per-pixel MS-SSIM: Π_j cs_j^{w_j} · l_M^{w_M}, each scale's map upsampled to full size,
     channels averaged: B×C×H×W → B×1×H×W in [0, 1] (cs and l clamped at 0 before the powers).
     The weights are the first ``scales`` of Wang et al.'s five, renormalised to sum to 1."""
-    w = torch.tensor(MS_SSIM_WEIGHTS[:scales])
+    w = torch.tensor(MS_SSIM_WEIGHTS[:scales], device=x.device)
     w = w / w.sum()
     size, out = x.shape[-2:], 1.0
     for j in range(scales):
@@ -431,11 +433,26 @@ def _random_resized_crop(x: torch.Tensor, scale: tuple[float, float], generator:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def _stack_images(items: list[dict]) -> torch.Tensor:
+    """collate_fn of the training loader: the items' images as one batch B×C×H×W (labels, masks dropped)."""
+    return torch.stack([item["image"] for item in items])
+
+
+DRY_RUN_BATCH = 2  # images per training batch in a dry run (uadkit.dryrun): 256 ViT-B images take many minutes on a CPU
+
+
 class MemMCDetector(Detector):
     """MemMC-MAE behind the book's interface: ``fit`` trains from scratch on normal images with
-    :func:`masked_mse`; ``predict`` gives patch-wise maps and their mean as the image score."""
+    :func:`masked_mse`; ``predict`` gives patch-wise maps and their mean as the image score.
+
+    Training reads the images batch by batch from the dataset (``config.batch_size`` per batch,
+    shuffled with the detector's seed), so memory does not grow with the training set;
+    ``num_workers`` data-loader processes read them (0: the main process). In a dry run
+    (:mod:`uadkit.dryrun`) a batch holds at most :data:`DRY_RUN_BATCH` images.
+    """
 
     name = "memmc_mae"
+    num_workers = 0  # DataLoader workers that read the training images; set it to the profile's
 
     def __init__(self, config: MemMCConfig | None = None, *, pretrained: bool = True, **kw):
         super().__init__(**kw)  # ``pretrained`` is unused: the model trains from scratch
@@ -443,8 +460,9 @@ class MemMCDetector(Detector):
         self.model: MemMCMAE | None = None
         self.history: list[float] = []
 
-    def _loss(self, model: MemMCMAE, batch, generator: torch.Generator) -> torch.Tensor:
-        images = batch[0]
+    def _loss(self, model: MemMCMAE, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One training batch B×C×H×W → the masked-patch MSE (a float32 scalar, also under autocast).
+        Crops and masks are drawn from ``generator`` (a CPU generator; the draws are moved to the images' device)."""
         if self.config.augment and model.training:
             images = _random_resized_crop(images, self.config.crop_scale, generator)
         keep, mask = random_masking(model.n_tokens, images.shape[0], self.config.mask_ratio, generator=generator,
@@ -454,18 +472,26 @@ class MemMCDetector(Detector):
     def _fit(self, train_loader, checkpoint=None) -> None:
         c = self.config
         torch.manual_seed(self.seed)
-        images = torch.cat([b["image"] for b in train_loader])
-        self.model = MemMCMAE(image_size=images.shape[-1], config=c, channels=images.shape[1]).to(self.device)
+        dataset = train_loader.dataset  # read per batch below: the training set is never held in memory
+        first = dataset[0]["image"]  # C×H×W
+        self.model = MemMCMAE(image_size=first.shape[-1], config=c, channels=first.shape[0]).to(self.device)
         gen = torch.Generator().manual_seed(self.seed)
-        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=c.batch_size,
-                                           shuffle=True, generator=gen)
+        batch, micro = c.batch_size, c.micro_batch
+        if dryrun.active() and batch > DRY_RUN_BATCH:
+            batch = DRY_RUN_BATCH
+            if micro is not None:  # scaled down with the batch, to 1 at least: the accumulation runs too
+                micro = max(1, batch * micro // c.batch_size)
+            dryrun.note(f"MemMC-MAE trains on batches of {batch} images in parts of {micro or batch} "
+                        f"(the paper profile's: {c.batch_size} in parts of {c.micro_batch or c.batch_size})")
+        data = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, generator=gen,
+                                           collate_fn=_stack_images, num_workers=self.num_workers)
         opt = torch.optim.AdamW(self.model.parameters(), lr=c.lr, betas=(0.9, 0.95), weight_decay=c.weight_decay)
         warm = max(1, c.warmup_epochs)  # linear warm-up, then half-cosine decay, per epoch
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: (e + 1) / warm if e < warm else
                                                   0.5 * (1 + math.cos(math.pi * (e - warm) / max(1, c.epochs - warm))))
         self.history = train.fit(self.model, lambda m, b: self._loss(m, b, gen), data, epochs=c.epochs, optimizer=opt,
                                  scheduler=sched, device=self.device, checkpoint=checkpoint, desc="MemMC-MAE",
-                                 progress=self.progress)
+                                 progress=self.progress, micro_batch=micro)
 
     def pixel_error(self, images: torch.Tensor, *, seeds: int | None = None, scores=None,
                     first_seed: int = 0) -> dict[str, torch.Tensor]:
