@@ -315,3 +315,132 @@ def test_augmentation_and_the_combined_loss():
     train = get_dataset("mini/phantom", "train", n_train=8, image_size=32)
     aug = uadkit.models.create("qfae", progress=False, **dataclasses.asdict(_tiny(augment=True)))
     assert len(aug.fit(train).history) == 2  # the augmented path encodes every batch
+
+
+# ----------------------------------------------------------------------------- shared frozen networks, devices, memory
+
+def _tiny_vit_config(**kw):
+    """The paper's code path (ViT encoder, ViT perceptual network per patch size) at toy size, on the tiny_vit entry."""
+    base = dict(encoder="tiny_vit", encoder_layers=(-2, -4), encoder_size=32, dim=32, qformer_heads=2, decoder_dim=32,
+                decoder_depth=1, decoder_heads=2, decoder_extra_tokens=5, patch=8, perceptual="tiny_vit",
+                perceptual_layers=(5, 9), perceptual_scales=(8, 16), score_layers=(3, 5, 9), score_scales=(8, 16),
+                epochs=2, batch_size=4)
+    return {**base, **kw}
+
+
+def test_detectors_of_the_chapter_share_their_frozen_networks(tiny_vit):
+    """Table 1 builds three detectors per data set (and Tables 2d and 4 more): one DINOv2-L and one MAE-L per
+    patch size for all of them, not one set each (about 5 GB of frozen weights per detector)."""
+    rows = [dict(bottleneck="none", loss="mae"), dict(loss="mae"), dict()]
+    dets = [uadkit.models.create("qfae", profile="paper", device="cpu", progress=False, **_tiny_vit_config(**r))
+            for r in rows]
+    dets.append(uadkit.models.create("qfae", profile="paper", device="cpu", progress=False,
+                                     **_tiny_vit_config(patch=16, score_scales=(8,))))
+    assert all(d.encoder is dets[0].encoder for d in dets)
+    train_nets = [d.perceptual("train", image_size=32).nets for d in dets]
+    score_nets = [d.perceptual("score", image_size=32).nets for d in dets]
+    assert all(n["8"] is train_nets[0]["8"] and n["16"] is train_nets[0]["16"] for n in train_nets)
+    assert all(n["8"] is train_nets[0]["8"] for n in score_nets)  # training and scoring roles too
+    assert train_nets[0]["8"] is not train_nets[0]["16"]  # one network per patch size
+    smoke = [uadkit.models.create("qfae", progress=False) for _ in range(2)]  # the CNN stand-in: one for both roles
+    assert smoke[0].encoder is smoke[1].encoder is smoke[0].perceptual("train", image_size=64).nets["cnn"]
+
+
+def test_shared_networks_are_keyed_by_everything_that_changes_them(tiny_vit, monkeypatch):
+    a = backbones.shared("tiny_vit", build=Q.vit_network, img_size=32, patch_size=8)
+    assert backbones.shared("tiny_vit", build=Q.vit_network, img_size=32, patch_size=8) is a
+    assert backbones.shared("tiny_vit", build=Q.vit_network, img_size=32, patch_size=16) is not a
+    assert backbones.shared("tiny_vit", build=Q.vit_network, img_size=32, patch_size=8, pretrained=False) is not a
+    meta = backbones.shared("tiny_vit", build=Q.vit_network, img_size=32, patch_size=8, device="meta")
+    assert meta is not a and next(meta.parameters()).device.type == "meta"
+    assert all(not p.requires_grad for p in a.parameters())
+    assert backbones.shared("efficientnet_lite0") is backbones.shared("efficientnet_lite0")
+    assert backbones.release("tiny_vit") >= 3
+    assert backbones.shared("tiny_vit", build=Q.vit_network, img_size=32, patch_size=8) is not a  # built anew
+
+
+def test_a_dry_run_builds_missing_vits_at_random_and_never_hands_them_out_later(tmp_path, monkeypatch, capsys):
+    from uadkit import dryrun
+
+    monkeypatch.setenv("UADKIT_WEIGHTS", str(tmp_path))
+    monkeypatch.setitem(backbones.REGISTRY, "tiny_vit", backbones.Entry("vit_tiny_patch16_224", "vit", "cache"))
+    monkeypatch.setenv("UADKIT_DRY_RUN", "1")
+    net = Q.feature_network("tiny_vit", img_size=32, patch_size=8)
+    assert net.model.patch_embed.proj.weight.shape[-2:] == (8, 8)
+    assert "tiny_vit at RANDOM initialisation" in capsys.readouterr().out
+    monkeypatch.delenv("UADKIT_DRY_RUN")
+    assert not dryrun.active()
+    with pytest.raises(backbones.WeightsUnavailable, match="tiny_vit"):
+        Q.feature_network("tiny_vit", img_size=32, patch_size=8)
+    backbones.release("tiny_vit")
+
+
+@pytest.mark.parametrize("paper_path", [True, False], ids=["vit", "cnn"])
+def test_one_training_step_and_one_prediction_on_the_meta_device(tiny_vit, paper_path):
+    """Every tensor the method builds lives on the device of its model and inputs: on "meta", a tensor made on
+    the CPU meets a meta tensor and the operation raises."""
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch.ones(2) + torch.ones(2, device="meta")  # the premise of this test
+    cfg = _tiny_vit_config(augment=True) if paper_path else dataclasses.asdict(_tiny())
+    det = uadkit.models.create("qfae", profile="paper", device="meta", progress=False, **cfg)
+    det.image_size = (32, 32)
+    det.model = Q.QFAEModel(channels=[det.encoder.channels[i] for i in det.config.encoder_layers], image_size=32,
+                            config=det.config, cnn_encoder=det.cnn_encoder).to("meta")
+    x = torch.rand(2, 3, 32, 32, device="meta")
+    loss = det._step(det.model, det.augment(x))
+    loss.backward()
+    assert loss.device.type == "meta" and all(p.grad is not None for p in det.model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        scores, maps = det._predict_batch(x)
+        rec, feats = det.reconstruct(x), det.encode(x)
+    assert scores.shape == (2,) and maps.shape == (2, 1, 32, 32) and maps.device.type == "meta"
+    assert rec.device.type == "meta" and all(f.device.type == "meta" for f in feats)
+
+
+def test_step_cost_adds_up_to_the_whole_step(tiny_vit):
+    from uadkit import cost
+
+    cfg = Q.QFAEConfig(**_tiny_vit_config())
+    train_step, score = Q.step_cost(cfg, image_size=32, batch_size=2)
+    det = Q.QFAEDetector(cfg, device="meta", progress=False)
+    det.image_size, det.model = (32, 32), det.build_model(32)
+    x = torch.rand(2, 3, 32, 32, device="meta")
+    frozen = {id(n): n for n in [det.encoder, *det.perceptual("train").nets.values(),
+                                 *det.perceptual("score").nets.values()]}  # each network once
+    whole = cost.measure(lambda: det._step(det.model, x).backward(), det.model, *frozen.values())
+    with torch.no_grad():
+        scoring = cost.measure(lambda: det._predict_batch(x))
+    assert train_step.flops == whole.flops > 0 and train_step.activation_bytes == whole.activation_bytes > 0
+    assert train_step.param_bytes == whole.param_bytes and train_step.trainable_bytes == whole.trainable_bytes
+    assert score.flops == scoring.flops > 0
+    mae_only, _ = Q.step_cost(dataclasses.replace(cfg, loss="mae"), image_size=32, batch_size=2)
+    assert mae_only.flops < train_step.flops  # no perceptual network in the MAE loss's step
+
+
+def test_fit_memory_does_not_grow_with_the_training_set(tmp_path, monkeypatch):
+    """The paper path (augmentation, the encoder on every batch) streams the training set: the peak memory of a fit
+    at 224 px grows by less than 30 MB from 192 to 768 images (holding them would add 350 MB of images alone).
+    Both sizes run the dry run's 2 steps of 64 images (a third batch is read); small networks stand in for DINOv2
+    and the MAE, and the MAE loss, so that a step is quick (the data path is the same for every loss). A fixed
+    mmap threshold makes glibc return every large block at once, so the peak is repeatable to about 1 MB."""
+    from memory import fit_peak_mb
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    small = dict(encoder="efficientnet_lite0", encoder_layers=[2, 3, 4], dim=32, qformer_heads=2, decoder_dim=32,
+                 decoder_depth=1, decoder_heads=2, decoder_extra_tokens=1, perceptual="efficientnet_lite0",
+                 perceptual_layers=[1, 2], perceptual_scales=[1.0, 0.5], score_layers=[1, 2], score_scales=[1.0, 0.5],
+                 loss="mae")
+    few, many = (fit_peak_mb("qfae", n, tmp_path, image_size=224, **small) for n in (192, 768))
+    assert many - few < 30, f"peak {few:.0f} MB with 192 images, {many:.0f} MB with 768"
+
+
+def test_perceptual_maps_under_bf16_autocast_are_float32(perc):
+    """Training and (on a GPU, in a dry run) scoring run under bf16 autocast, where x̃ comes out of the decoder in
+    bf16: the CNN stand-in's downscaled input (an antialiased resize, no bf16 kernel on the CPU) and the maps
+    (scores and losses) are computed in float32."""
+    x = torch.rand(2, 3, 32, 32)
+    x_hat = torch.rand(2, 3, 32, 32).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        maps = perc(x, x_hat)
+    assert maps.dtype == torch.float32 and maps.shape == (2, 2, 1, 32, 32) and torch.isfinite(maps).all()
+    assert Q.image_score(maps).dtype == torch.float32

@@ -34,6 +34,7 @@ both DINOv2 (encoder) and the Masked Autoencoder (perceptual network): its stage
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -45,12 +46,14 @@ import torch.nn.functional as F
 
 from .. import backbones, train
 from ..backbones import resize_aligned
+from ..data.base import loader
 from .base import Detector
 
 __all__ = [
     "QFAEConfig", "num_queries", "vit_network", "feature_network", "EncoderTokens", "GridTokens", "QFormer",
     "Decoder", "QFAEModel", "patchify", "unpatchify", "sincos_2d", "cosine_distance_map", "PerceptualMaps",
     "perceptual_loss", "mae_loss", "features_upto", "image_score", "pixel_map", "liver_ct_roi", "QFAEDetector",
+    "step_cost",
 ]
 
 
@@ -116,7 +119,8 @@ def vit_network(name: str, *, img_size: int = 224, patch_size: int | None = None
     rebuilt at 32 and 56 px (pretrained at 16): the cached weights are resampled
     (patch-embedding kernel and absolute position embedding, timm's FlexiViT-style
     resampling). Returns a :class:`uadkit.backbones.Backbone` whose maps are the blocks'
-    tokens, B×D×h×w. Without the cached file: :class:`~uadkit.backbones.WeightsUnavailable`.
+    tokens, B×D×h×w. Without the cached file: :class:`~uadkit.backbones.WeightsUnavailable`,
+    except in a dry run (:mod:`uadkit.dryrun`), where the network is built at random initialisation (printed).
     """
     import timm
     from timm.layers import resample_abs_pos_embed, resample_patch_embed
@@ -126,7 +130,12 @@ def vit_network(name: str, *, img_size: int = 224, patch_size: int | None = None
         raise ValueError(f"{name} is not a ViT")
     path = backbones.weights_path(name)
     if pretrained and not path.is_file():
-        raise backbones._unavailable(name, f"no file {path}")
+        from .. import dryrun
+
+        if not dryrun.active():
+            raise backbones._unavailable(name, f"no file {path}")
+        dryrun.note(f"backbone {name} at RANDOM initialisation: no weights file {path}")
+        return _random_vit(name, entry, img_size=img_size, patch_size=patch_size)
     kw = {"img_size": img_size} | ({"patch_size": patch_size} if patch_size else {})
     model = timm.create_model(entry.timm_name, pretrained=False, **kw)
     if pretrained:
@@ -139,16 +148,45 @@ def vit_network(name: str, *, img_size: int = 224, patch_size: int | None = None
             state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(model.patch_embed.grid_size),
                                                         num_prefix_tokens=prefix)
         model.load_state_dict(state)
+    return _backbone(name, model)
+
+
+def _backbone(name: str, model: nn.Module):
     cfg = model.pretrained_cfg or {}
     return backbones.Backbone(name=name, model=model, kind="vit", mean=cfg.get("mean", (0.485, 0.456, 0.406)),
                               std=cfg.get("std", (0.229, 0.224, 0.225)))
 
 
-def feature_network(name: str, *, img_size: int, patch_size: int | None = None, pretrained: bool = True):
-    """The frozen network ``name``: a CNN from the registry as is, a ViT rebuilt by :func:`vit_network`."""
+def _random_vit(name: str, entry, *, img_size: int, patch_size: int | None):
+    """A dry run's random stand-in for a ViT without cached weights: built on the meta device and filled with
+    N(0, 0.02) weights, unit norm scales and zero biases (timm's initialisation of a ViT-L takes seconds on a CPU)."""
+    import timm
+
+    kw = {"img_size": img_size} | ({"patch_size": patch_size} if patch_size else {})
+    with torch.device("meta"):
+        model = timm.create_model(entry.timm_name, pretrained=False, **kw)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.02)
+            else:
+                p.zero_() if key.endswith("bias") else p.fill_(1.0)
+    return _backbone(name, model)
+
+
+def feature_network(name: str, *, img_size: int, patch_size: int | None = None, pretrained: bool = True,
+                    device: str | torch.device = "cpu"):
+    """The frozen network ``name`` on ``device``: a CNN from the registry as is, a ViT rebuilt by :func:`vit_network`.
+
+    Shared (:func:`uadkit.backbones.shared`): every detector, and the encoder and perceptual roles, that ask
+    for the same network at the same sizes get one instance (the paper profile's DINOv2-L and three MAE-L
+    are about 1.2 GB each); never move or change the returned network.
+    """
     if backbones.REGISTRY[name].kind == "cnn":
-        return backbones.create(name, pretrained=pretrained)
-    return vit_network(name, img_size=img_size, patch_size=patch_size, pretrained=pretrained)
+        return backbones.shared(name, pretrained=pretrained, device=device)
+    return backbones.shared(name, pretrained=pretrained, device=device, build=vit_network, img_size=img_size,
+                            patch_size=patch_size)
 
 
 def features_upto(net, x: torch.Tensor, last: int) -> list[torch.Tensor]:
@@ -175,10 +213,10 @@ def features_upto(net, x: torch.Tensor, last: int) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------- torch_model
 
 def _sincos(dim: int, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-    """MAE's 2-D sine-cosine code of positions (ys, xs), each of length n: n×dim, half for each axis."""
+    """MAE's 2-D sine-cosine code of positions (ys, xs), each of length n: n×dim, half for each axis (on ys' device)."""
     if dim % 4:
         raise ValueError("dim must be a multiple of 4")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32, device=ys.device) / (dim // 4))
     out = []
     for pos in (ys, xs):
         t = pos[:, None] * omega[None]
@@ -192,11 +230,11 @@ def sincos_2d(dim: int, h: int, w: int) -> torch.Tensor:
     return _sincos(dim, ys.reshape(-1), xs.reshape(-1))
 
 
-def _image_frame_sincos(dim: int, h: int, w: int, grid: int = 32) -> torch.Tensor:
+def _image_frame_sincos(dim: int, h: int, w: int, grid: int = 32, device: str | torch.device | None = None) -> torch.Tensor:
     """Positions of the cell centres of an h×w map in one common frame (a ``grid``×``grid`` image
     lattice), so tokens of maps with different strides that cover the same place get the same code."""
-    ys = (torch.arange(h, dtype=torch.float32) + 0.5) * grid / h
-    xs = (torch.arange(w, dtype=torch.float32) + 0.5) * grid / w
+    ys = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) * grid / h
+    xs = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) * grid / w
     ys, xs = torch.meshgrid(ys, xs, indexing="ij")
     return _sincos(dim, ys.reshape(-1), xs.reshape(-1))
 
@@ -222,7 +260,7 @@ class EncoderTokens(nn.Module):
             t = f.flatten(2).transpose(1, 2)  # B×(h·w)×C_i
             t = self.proj[i if len(self.proj) > 1 else 0](t)  # B×(h·w)×D
             if self.add_position:
-                t = t + _image_frame_sincos(self.dim, *f.shape[-2:]).to(t)
+                t = t + _image_frame_sincos(self.dim, *f.shape[-2:], device=t.device).to(t.dtype)
             tokens.append(t)
         return torch.cat(tokens, dim=1)  # B×N×D
 
@@ -347,8 +385,10 @@ class QFAEModel(nn.Module):
 # --------------------------------------------------------------------------- anomaly_map
 
 def cosine_distance_map(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Eq. (3): A(j, k) = 1 − cos(f_(j,k), g_(j,k)), B×C×h×w twice → B×1×h×w, values in [0, 2]."""
-    return 1 - F.cosine_similarity(f, g, dim=1, eps=1e-8)[:, None]
+    """Eq. (3): A(j, k) = 1 − cos(f_(j,k), g_(j,k)), B×C×h×w twice → B×1×h×w, values in [0, 2].
+
+    In float32 whatever the features' dtype (bf16 under autocast): the maps become scores and losses."""
+    return 1 - F.cosine_similarity(f.float(), g.float(), dim=1, eps=1e-8)[:, None]
 
 
 class PerceptualMaps(nn.Module):
@@ -359,11 +399,12 @@ class PerceptualMaps(nn.Module):
     A_i = Π_s Resize(A_{i,s}). Returns L×B×1×H×W.
 
     A scale is a rebuilt patch size for a ViT (the MAE at 32 and 56 px: one network each)
-    or an input scale factor for a CNN (the image resized by s, one shared network).
+    or an input scale factor for a CNN (the image resized by s, one shared network). Networks not
+    given in ``nets`` are taken from :func:`feature_network` on ``device`` (shared, frozen).
     """
 
     def __init__(self, *, name: str, layers: tuple[int, ...], scales: tuple[float, ...], image_size: int,
-                 pretrained: bool = True, nets: dict | None = None):
+                 pretrained: bool = True, nets: dict | None = None, device: str | torch.device = "cpu"):
         super().__init__()
         self.layers, self.scales = tuple(layers), tuple(scales)
         self.cnn = backbones.REGISTRY[name].kind == "cnn"
@@ -372,7 +413,7 @@ class PerceptualMaps(nn.Module):
             key = "cnn" if self.cnn else str(int(s))
             if key not in nets:
                 nets[key] = feature_network(name, img_size=image_size, patch_size=None if self.cnn else int(s),
-                                            pretrained=pretrained)
+                                            pretrained=pretrained, device=device)
         self.nets = nn.ModuleDict(nets)
 
     def raw(self, x: torch.Tensor, x_hat: torch.Tensor) -> dict[tuple[int, float], torch.Tensor]:
@@ -383,7 +424,8 @@ class PerceptualMaps(nn.Module):
             a, b = x, x_hat
             if self.cnn and s != 1:
                 hw = [max(8, round(s * n)) for n in size]
-                a, b = (F.interpolate(t, size=hw, mode="bilinear", align_corners=False, antialias=s < 1) for t in (x, x_hat))
+                a, b = (F.interpolate(t.float(), size=hw, mode="bilinear", align_corners=False, antialias=s < 1)
+                        for t in (x, x_hat))  # float: the CPU's antialiased resize has no bf16 kernel (autocast)
             last = max(self.layers) if self.cnn else None
             run = (lambda t: features_upto(net, t, last)) if self.cnn else net
             with torch.no_grad():
@@ -487,7 +529,11 @@ def liver_ct_roi(image: np.ndarray, mask: np.ndarray | None = None, *, size: int
 
 class QFAEDetector(Detector):
     """QFAE behind the book's interface: ``fit`` trains Proj + Q-Former + decoder on normal
-    images (encoder and perceptual network frozen); ``predict`` scores with Eq. (3)–(5)."""
+    images (encoder and perceptual network frozen); ``predict`` scores with Eq. (3)–(5).
+
+    The frozen networks come from :func:`feature_network`: detectors in one process that use the
+    same encoder or perceptual network share one instance of it.
+    """
 
     name = "qfae"
 
@@ -495,7 +541,7 @@ class QFAEDetector(Detector):
         super().__init__(**kw)
         self.config = c = config or QFAEConfig()
         self.pretrained = pretrained
-        self.encoder = feature_network(c.encoder, img_size=c.encoder_size, pretrained=pretrained).to(self.device)
+        self.encoder = feature_network(c.encoder, img_size=c.encoder_size, pretrained=pretrained, device=self.device)
         self.cnn_encoder = backbones.REGISTRY[c.encoder].kind == "cnn"
         self.model: QFAEModel | None = None
         self.history: list[float] = []
@@ -511,12 +557,13 @@ class QFAEDetector(Detector):
         """The chosen encoder layers of one batch B×3×H×W, on its device (the encoder sees ``encoder_size``)."""
         size = self.config.encoder_size
         if x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return self._layers(self.encoder(x))
 
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The chosen encoder layers of images N×3×H×W (batched, on the CPU): a list of N×C_i×h_i×w_i."""
-        out = [[f.cpu() for f in self._encode_batch(images[i:i + self.batch_size].to(self.device))]
+        """The chosen encoder layers of images N×3×H×W, in batches on the detector's device: a list of
+        N×C_i×h_i×w_i on the device ``images`` are on."""
+        out = [[f.to(images.device) for f in self._encode_batch(images[i:i + self.batch_size].to(self.device))]
                for i in range(0, len(images), self.batch_size)]
         return [torch.cat(parts) for parts in zip(*out)]
 
@@ -533,7 +580,8 @@ class QFAEDetector(Detector):
     def perceptual(self, which: str = "score", *, image_size: int | None = None) -> PerceptualMaps:
         """The perceptual network with the training (``"train"``) or scoring (``"score"``) layers and scales.
 
-        Built once, for the training images' size (or ``image_size`` before ``fit``)."""
+        Built once, for the training images' size (or ``image_size`` before ``fit``), from the shared
+        frozen networks (one per patch size, whichever role and detector asks)."""
         c = self.config
         attr = "_train_perc" if which == "train" else "_score_perc"
         if getattr(self, attr) is not None:
@@ -543,15 +591,17 @@ class QFAEDetector(Detector):
                 raise RuntimeError("qfae: call fit() first, or pass image_size= to perceptual()")
             image_size = self.image_size[-1]
         layers, scales = (c.perceptual_layers, c.perceptual_scales) if which == "train" else (c.score_layers, c.score_scales)
-        other = self._score_perc if which == "train" else self._train_perc
-        shared = dict(other.nets) if other is not None else {}  # frozen networks are built once
-        if self.cnn_encoder and c.perceptual == c.encoder and "cnn" not in shared:
-            shared["cnn"] = self.encoder
         setattr(self, attr, PerceptualMaps(name=c.perceptual, layers=layers, scales=scales, image_size=image_size,
-                                           pretrained=self.pretrained, nets=shared).to(self.device))
+                                           pretrained=self.pretrained, device=self.device))
         return getattr(self, attr)
 
     # -- training
+    def build_model(self, image_size: int) -> QFAEModel:
+        """A fresh trainable part (Proj + Q-Former + decoder) for square images of side ``image_size``, on the device."""
+        channels = [self.encoder.channels[i] for i in self.config.encoder_layers]
+        return QFAEModel(channels=channels, image_size=image_size, config=self.config,
+                         cnn_encoder=self.cnn_encoder).to(self.device)
+
     def _loss(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
         kind = self.config.loss
         if kind == "mae":
@@ -564,21 +614,26 @@ class QFAEDetector(Detector):
         raise ValueError(f"loss must be 'mae', 'perceptual' or 'mae+perceptual', got {kind!r}")
 
     def _fit(self, train_loader, checkpoint=None) -> None:
+        """Adam + OneCycleLR through :func:`uadkit.train.fit` (Sec. 6.4).
+
+        With ``augment`` (the paper) the images are streamed: every batch is read from the dataset,
+        augmented and encoded on the device, and nothing is kept, so memory does not grow with the
+        training set. Without it (the smoke profile) the encoder's tokens of the whole, small, training
+        set are computed once and held with the images.
+        """
         c = self.config
         torch.manual_seed(self.seed)
-        images = torch.cat([b["image"] for b in train_loader])
+        dataset = train_loader.dataset
         if c.augment:  # every batch is augmented, then encoded
-            feats = self.encode(images[:2])  # only to size the model
-            tensors = (images,)
-            loss = lambda m, b: self._step(m, self.augment(b[0]))  # noqa: E731
+            data = loader(dataset, batch_size=c.batch_size, shuffle=True, seed=self.seed)
+            loss = lambda m, b: self._step(m, self.augment(b["image"]))  # noqa: E731
         else:  # the encoder is frozen: its tokens are computed once
-            feats = self.encode(images)
-            tensors = (images, *feats)
+            images = torch.cat([b["image"] for b in train_loader])
+            data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, *self.encode(images)),
+                                               batch_size=c.batch_size, shuffle=True,
+                                               generator=torch.Generator().manual_seed(self.seed))
             loss = lambda m, b: self._loss(b[0], m(b[1:]))  # noqa: E731
-        self.model = QFAEModel(channels=[f.shape[1] for f in feats], image_size=images.shape[-1], config=c,
-                               cnn_encoder=self.cnn_encoder).to(self.device)
-        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*tensors), batch_size=c.batch_size,
-                                           shuffle=True, generator=torch.Generator().manual_seed(self.seed))
+        self.model = self.build_model(self.image_size[-1])
         opt = torch.optim.Adam(self.model.parameters(), lr=c.lr)
         # train.fit steps schedulers once per epoch (the public code: once per batch)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=max(2, c.epochs),
@@ -592,14 +647,83 @@ class QFAEDetector(Detector):
         return self._loss(x, model(self._encode_batch(x)))
 
     # -- inference
+    def amp(self):
+        """The autocast of training (:func:`uadkit.train.use_amp`: bf16 on CUDA and in a dry run, else off),
+        for scoring: the model is scored with the networks in the precision its loss was computed in."""
+        if torch.device(self.device).type not in ("cuda", "cpu"):  # "meta" (uadkit.cost) has no autocast
+            return contextlib.nullcontext()
+        return train.autocast(self.device, train.use_amp(self.device))
+
+    def _reconstruct_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """x̃ of one batch B×3×H×W, on its device, in float32."""
+        with self.amp():
+            return self.model(self._encode_batch(x)).float()
+
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
-        """x̃ for images N×3×H×W, batched, on the CPU."""
-        feats = self.encode(images)
-        return torch.cat([self.model([f[i:i + self.batch_size].to(self.device) for f in feats]).cpu()
+        """x̃ for images N×3×H×W, in batches on the detector's device; returned on the device ``images`` are on."""
+        return torch.cat([self._reconstruct_batch(images[i:i + self.batch_size].to(self.device)).to(images.device)
                           for i in range(0, len(images), self.batch_size)])
 
     def _predict_batch(self, images):
-        x_hat = self.model([f.to(self.device) for f in self.encode(images)])
-        maps = self.perceptual("score")(images, x_hat)  # L×B×1×H×W
+        x_hat = self._reconstruct_batch(images)
+        with self.amp():
+            maps = self.perceptual("score")(images, x_hat)  # L×B×1×H×W, float32 (cosine_distance_map)
         return image_score(maps, self.config.aggregation), pixel_map(maps)
+
+
+# --------------------------------------------------------------------------- cost
+
+_COSTS: dict = {}  # measured parts of step_cost, by network and shape
+
+
+def _part(key, fn):
+    if key not in _COSTS:
+        _COSTS[key] = fn()
+    return _COSTS[key]
+
+
+def step_cost(config: QFAEConfig, *, image_size: int = 224, batch_size: int | None = None):
+    """One training step and the scoring of one batch at the real shapes, counted on the meta device
+    (:func:`uadkit.cost.measure`: shapes only, nothing is computed). Returns ``(train, score)``, two
+    :class:`uadkit.cost.StepCost`; ``score.activation_bytes`` is 0 (no gradients).
+
+    Counted in the parts that :meth:`QFAEDetector._step` and ``_predict_batch`` run: the frozen encoder's
+    forward; Proj + Q-Former + decoder, forward and backward; the loss (the perceptual networks on x and on x̃,
+    and the backward through x̃; a pixel loss only for ``loss="mae"``); for scoring, the encoder, the model's
+    forward and the scoring networks on x and x̃. The frozen networks' parts are measured once per network and
+    shape and reused, so that a table of configurations is counted in seconds. Weights: the model's (trained)
+    and those of every frozen network the detector holds.
+    """
+    from .. import cost
+
+    c, s = config, image_size
+    b = batch_size or c.batch_size
+    det = QFAEDetector(c, device="meta", progress=False)
+    det.image_size, det.model = (s, s), det.build_model(s)
+    x = torch.rand(b, 3, s, s, device="meta")
+    x_hat = torch.rand(b, 3, s, s, device="meta", requires_grad=True)
+    maps = torch.rand(len(c.score_layers), b, 1, s, s, device="meta")
+    frozen = {id(n): n for n in [det.encoder, *det.perceptual("train").nets.values(),
+                                 *det.perceptual("score").nets.values()]}
+    weights = cost.measure(lambda: None, det.model, *frozen.values())
+
+    def encoder():  # the cost and the tokens (meta tensors) of the frozen encoder
+        out = []
+        return cost.measure(lambda: out.append(det._encode_batch(x))), out[0]
+
+    with torch.no_grad():
+        enc, feats = _part(("encoder", c.encoder, c.encoder_layers, c.encoder_size, s, b), encoder)
+        forward = cost.measure(lambda: det.model(feats))
+        score_maps = _part(("score", c.perceptual, c.score_layers, c.score_scales, s, b),
+                           lambda: cost.measure(lambda: det.perceptual("score")(x, x_hat)))
+        pooled = cost.measure(lambda: (image_score(maps, c.aggregation), pixel_map(maps)))
+    model = cost.measure(lambda: det.model(feats).sum().backward(), det.model)
+    loss = _part(("loss", c.loss, c.perceptual, c.perceptual_layers, c.perceptual_scales, s, b),
+                 lambda: cost.measure(lambda: det._loss(x, x_hat).backward()))
+    train = cost.StepCost(flops=enc.flops + model.flops + loss.flops,
+                          activation_bytes=model.activation_bytes + loss.activation_bytes,
+                          param_bytes=weights.param_bytes, trainable_bytes=weights.trainable_bytes)
+    score = cost.StepCost(flops=enc.flops + forward.flops + score_maps.flops + pooled.flops, activation_bytes=0,
+                          param_bytes=weights.param_bytes, trainable_bytes=0)
+    return train, score
