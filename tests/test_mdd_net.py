@@ -1,12 +1,13 @@
 """MDD-Net: the two paths share the teacher not the decoders, L_dist reads the synthetic mask,
-item entropies at their bounds, maps at input resolution, losses by hand, a short multi-class fit."""
+item entropies at their bounds, maps at input resolution, losses by hand, a short multi-class fit,
+training read batch by batch (memory that does not grow with the data), every tensor on the model's device."""
 import math
 
 import pytest
 import torch
 
 import uadkit.models
-from uadkit.data import get_dataset, multiclass
+from uadkit.data import ArrayDataset, get_dataset, multiclass
 from uadkit.models import mdd_net as M
 
 
@@ -159,20 +160,72 @@ def test_fusion_weight_is_chosen_on_validation_masks():
     assert M.select_fusion_weight(noise + masks, torch.zeros_like(masks), masks, (1.0, 0.0, 2.0))[0] == 0.0
 
 
-def test_synthesis_fills_with_another_class_or_the_image_itself():
-    images = torch.cat([torch.zeros(4, 3, 32, 32), torch.ones(4, 3, 32, 32)])  # class 0 black, class 1 white
-    labels = torch.tensor([0] * 4 + [1] * 4)
-    det = uadkit.models.create("mdd_net", progress=False, pretrained=False, dim=8, memory_items=4)
-    bad, masks = det.synthesize(images, labels, torch.Generator().manual_seed(0))
-    assert bad.shape == images.shape and masks.shape == (8, 1, 32, 32) and (masks.flatten(1).sum(1) > 0).all()
+def _black_and_white(n=4, size=32):
+    """Class "a" all black, class "b" all white: a fill from the other class shows inside the mask."""
+    return torch.utils.data.ConcatDataset([
+        ArrayDataset(torch.full((n, 3, size, size), float(v)), torch.zeros(n), None, category=cat, name=cat)
+        for v, cat in ((0, "a"), (1, "b"))])
+
+
+def test_synthesis_fills_with_another_class_read_from_the_dataset():
+    data = _black_and_white()
+    assert M.item_categories(data) == ["a"] * 4 + ["b"] * 4
+    pairs = M.TrainingPairs(data, ["a", "b"], source="other_class")
+    items = [pairs[(i, 100 + i)] for i in range(8)]
+    bad, masks = torch.stack([it["anomalous"] for it in items]), torch.stack([it["mask"] for it in items])
+    assert bad.shape == (8, 3, 32, 32) and masks.shape == (8, 1, 32, 32) and (masks.flatten(1).sum(1) > 0).all()
+    assert [it["class"] for it in items] == [0] * 4 + [1] * 4
     inside, outside = masks[:4].bool().expand(-1, 3, -1, -1), ~masks[:4].bool().expand(-1, 3, -1, -1)
-    assert bad[:4][outside].max() == 0 and bad[:4][inside].mean() > 0.05  # white from class 1 inside the mask only
-    det.config = M.MDDConfig(synth_source="self")
-    bad, masks = det.synthesize(images, labels, torch.Generator().manual_seed(0))
-    assert bad[:4].max() == 0  # a black image's own tiles are black
-    det.config = M.MDDConfig(synth_source="dtd")
+    assert bad[:4][outside].max() == 0 and bad[:4][inside].mean() > 0.05  # white from class b inside the mask only
+    assert torch.equal(pairs[(0, 100)]["anomalous"], items[0]["anomalous"])  # a seed gives one anomaly
+    assert not torch.equal(pairs[(0, 101)]["mask"], items[0]["mask"])  # another seed (epoch), another anomaly
+    selfish = M.TrainingPairs(data, ["a", "b"], source="self")
+    assert selfish[(0, 100)]["anomalous"].max() == 0  # a black image's own tiles are black
+    assert set(M.TrainingPairs(data, ["a", "b"], dual=False)[(0, 1)]) == {"image", "class"}
     with pytest.raises(ValueError, match="synth_source"):
-        det.synthesize(images, labels, torch.Generator().manual_seed(0))
+        M.TrainingPairs(data, ["a", "b"], source="dtd")
+
+
+def test_fresh_draws_are_a_permutation_with_new_seeds_and_repeat_from_the_generator_state():
+    g = torch.Generator().manual_seed(0)
+    sampler = M.FreshDraws(10, g)
+    state = g.get_state()
+    first, second = list(sampler), list(sampler)
+    assert sorted(i for i, _ in first) == list(range(10)) and len(sampler) == 10
+    assert {s for _, s in first}.isdisjoint(s for _, s in second)  # every epoch new anomalies
+    g.set_state(state)  # what train.fit restores when it resumes
+    assert list(sampler) == first
+
+
+def test_training_batches_do_not_depend_on_the_number_of_loader_workers():
+    data = _black_and_white(n=6, size=16)
+    det = uadkit.models.create("mdd_net", progress=False, pretrained=False, batch_size=4, dim=8, memory_items=4)
+    det.classes = ["a", "b"]
+    batches = {}
+    for workers in (0, 2):
+        det.num_workers = workers
+        batches[workers] = [b for _, b in zip(range(2), det.training_data(data))]
+    assert len(batches[0]) == 2 and batches[0][0]["anomalous"].shape == (4, 3, 16, 16)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(batches[0], batches[2]) for k in a)
+
+
+def test_reservoir_draws_uniformly_from_a_stream_and_keeps_k_vectors():
+    feats = [torch.arange(b * 2 * 3 * 3, dtype=torch.float32).view(b, 2, 3, 3) + 100 * k
+             for k, b in enumerate((1, 3, 2))]
+    every = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, 2) for f in feats])  # 54 vectors
+    counts = torch.zeros(len(every))
+    for seed in range(300):
+        sample = M.VectorSample(5, torch.Generator().manual_seed(seed))
+        for f in feats:
+            sample.add(f)
+        assert sample.vectors.shape == (5, 2) and len(sample.keys) == 5
+        hit = (sample.vectors[:, None] == every[None]).all(-1)  # 5×54: each kept vector is one of the stream
+        assert (hit.sum(1) == 1).all() and hit.any(0).sum() == 5  # and no vector twice
+        counts += hit.any(0)
+    assert sample.rms == pytest.approx(every.pow(2).mean().sqrt().item(), rel=1e-6)
+    # every vector is kept with probability 5/54, whichever batch it came in (±5 sigma over 300 draws)
+    p = 5 / 54
+    assert (counts / 300 - p).abs().max() < 5 * math.sqrt(p * (1 - p) / 300)
 
 
 def test_cosine_map_by_hand():
@@ -214,12 +267,37 @@ def test_short_multiclass_fit_lowers_the_loss_and_resumes(tmp_path):
     first = {k: v.clone() for k, v in det.model.state_dict().items()}
     again = uadkit.models.create("mdd_net", **kw).fit(train, checkpoint=tmp_path / "mdd.pt")
     assert all(torch.equal(v, first[k]) for k, v in again.model.state_dict().items())
+    assert again.teacher is det.teacher  # one frozen teacher for every detector of the process
     state = torch.load(tmp_path / "mdd.pt", weights_only=True)
+    assert state["model"] and not any("teacher" in k for k in state["model"])  # shared, so not checkpointed
     state["history"][0] = 123.0  # a sentinel: a finished checkpoint is loaded, not retrained
     torch.save(state, tmp_path / "mdd.pt")
     assert uadkit.models.create("mdd_net", **kw).fit(train, checkpoint=tmp_path / "mdd.pt").history[0] == 123.0
     scores, maps = det.predict(get_dataset("mini/brick", "test", **small))
     assert scores.shape == (4,) and maps.shape == (4, 1, 32, 32)
+
+
+def test_teacher_features_stop_after_the_last_stage_read():
+    from uadkit import backbones
+
+    teacher = backbones.shared("efficientnet_lite0")  # a timm network: feature_info names its stages' modules
+    x = torch.rand(2, 3, 64, 64)
+    names = teacher.model.feature_info.module_name()
+    modules = dict(teacher.model.named_modules())
+    calls = []
+    probe = modules[names[4]].register_forward_hook(lambda *a: calls.append(1))  # the stride-32 stage
+    try:
+        with torch.no_grad():
+            full = teacher(x)
+            assert len(calls) == 1
+            feats = M.teacher_features(teacher, x, (1, 2, 3))
+    finally:
+        probe.remove()
+    assert len(calls) == 1  # the stage after layer 3 was not run again
+    assert all(torch.equal(full[i], f) for i, f in zip((1, 2, 3), feats))
+    assert not any(m._forward_hooks for m in teacher.modules())  # no hook left on the shared network
+    tiny = TinyTeacher()  # no feature_info: the whole forward
+    assert [f.shape for f in M.teacher_features(tiny, x, (1, 3))] == [(2, 4, 16, 16), (2, 8, 4, 4)]
 
 
 def test_paper_profile_settings():
@@ -248,7 +326,42 @@ def test_paper_code_path_on_fake_mvtec_and_uni_medical_trees(tmp_path):
                                epochs=1, batch_size=4, progress=False)
     det.fit(train)
     assert det.classes == sorted(names) and det.fusion_weight in det.config.fusion_grid
-    assert det.config.backbone == "wide_resnet50_2" and det.config.synth_per_image == 2
+    assert det.config.backbone == "wide_resnet50_2" and det.config.init_images == det.config.fusion_images == 256
     for name in names:
         result = det.evaluate(get_dataset(name, "test", root=tmp_path, image_size=64))
         assert set(result) == {"image AUROC", "pixel AUROC", "AUPRO"}
+
+
+@pytest.mark.parametrize("variant", [{}, dict(memory=False), dict(dual=False, memory=False)],
+                         ids=["mdd_net", "drd_net", "rd4ad"])
+def test_a_training_step_and_a_prediction_stay_on_the_meta_device(variant):
+    """The paper's model (WRN50, width 256, 200 items) and its inputs on "meta": any tensor the method
+    builds on the CPU instead of on its input's device would raise when mixed with them."""
+    det = uadkit.models.create("mdd_net", profile="paper", device="meta", pretrained=False, progress=False, **variant)
+    det.classes = ["a", "b"]
+    det.model = M.MDDNet(teacher=det.teacher, config=det.config, classes=2).to("meta")
+    assert all(p.device.type == "meta" for p in det.teacher.parameters())
+    ones = lambda *shape: torch.ones(*shape, device="meta")  # noqa: E731
+    batch = {"image": ones(2, 3, 256, 256), "class": torch.zeros(2, dtype=torch.long, device="meta"),
+             "anomalous": ones(2, 3, 256, 256), "mask": ones(2, 1, 256, 256)}
+    losses = M.training_loss(det.model, batch)
+    losses["total"].backward()
+    assert losses["total"].device.type == "meta" and ("dist" in losses) == det.config.dual
+    assert all(p.grad is not None for p in det.model.restoration.parameters())
+    scores, maps = det._predict_batch(ones(2, 3, 256, 256))
+    assert scores.shape == (2,) and maps.shape == (2, 1, 256, 256) and maps.device.type == "meta"
+
+
+def test_fit_memory_does_not_grow_with_the_training_set(tmp_path):
+    """Peak memory of a paper-profile fit (WRN50 at random weights, 256 px, the dry run's two optimiser steps,
+    batch 8 so that both fits take two) on 16 and on 128 training images. The bounded samples (memory init,
+    λ_f validation) are capped at 8 images, so what is left is what a fit keeps per training image: nothing.
+    Margin 120 MB, twice the spread between repeated runs of one fit (±60 MB); images and teacher features
+    kept in memory cost about 30 MB per image at 256 px (image, two anomalies, their WRN50 layer1-3
+    features), over 3 GB more on 128 images."""
+    from memory import fit_peak_mb
+
+    kw = dict(batch_size=8, init_images=8, fusion_images=8)
+    small = fit_peak_mb("mdd_net", 16, tmp_path, **kw)
+    large = fit_peak_mb("mdd_net", 128, tmp_path, **kw)
+    assert large - small < 120, f"peak memory {small:.0f} MB on 16 images, {large:.0f} MB on 128"

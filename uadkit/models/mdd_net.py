@@ -22,12 +22,18 @@ it; the cosine distance between the two, per scale, is the anomaly map. MDD-Net 
                    class_loss                  L_cls
                    discrepancy_loss            L_dist, supervised by the synthetic mask
                    mdd_losses                  the five training steps of the paper's Figure 2
-    synthesis    : synthesize                  step 2: Perlin anomalies filled with another class's image
+    training     : TrainingPairs, FreshDraws   step 2: a fresh Perlin anomaly of every image each time it is
+                                               drawn, filled with an image of another class read from the dataset
+                   training_loss               one batch: teacher features of both versions, the losses
+                   VectorSample                a reservoir of feature vectors that starts the memory items
     analysis     : item_class_distribution,    the class distribution of every memory item and its
                    entropy                     entropy (the paper's Figure 5)
 
 The paper text we have is a summary without equations or code; every choice it leaves
-open is listed in the chapter's reimplementation notes. Ablation switches (config):
+open is listed in the chapter's reimplementation notes. Training reads the images one batch at a
+time (teacher features, synthetic anomalies and all), so memory does not grow with the dataset:
+only the category of every image, a fixed-size sample of feature vectors for the memory items and a
+fixed number of validation images for λ_f are kept. Ablation switches (config):
 ``dual=False`` (one decoder trained on normal images: plain RD4AD), ``memory=False``,
 ``cls_weight=0`` (memory without class loss), and ``signal`` ("fused", "restoration",
 "discrepancy") choosing the inference map.
@@ -41,16 +47,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset
 
 from .. import backbones, synth, train
 from ..backbones import resize_aligned
+from ..data.base import collate, loader
 from .base import Detector
 
 __all__ = [
-    "MDDConfig", "ClassAwareMemory", "Neck", "Decoder", "MDDNet",
+    "step_cost", "MDDConfig", "ClassAwareMemory", "Neck", "Decoder", "MDDNet",
     "cosine_distance", "cosine_map", "fused_map", "select_fusion_weight", "image_score",
-    "cosine_loss", "class_loss", "discrepancy_loss", "mdd_losses", "synthesize",
-    "item_class_distribution", "entropy", "MDDNetDetector",
+    "cosine_loss", "class_loss", "discrepancy_loss", "mdd_losses", "training_loss", "VectorSample", "teacher_features",
+    "TrainingPairs", "FreshDraws", "item_categories", "item_class_distribution", "entropy", "MDDNetDetector",
 ]
 
 
@@ -76,8 +84,9 @@ class MDDConfig:
     signal: str = "fused"  # inference map: "fused", "restoration" or "discrepancy"
     fusion_weight: float | None = None  # s = s_res + λ_f · s_dis; None: λ_f chosen after training
     fusion_grid: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)  # the λ_f candidates of that choice
-    synth_per_image: int = 2  # anomalous versions made of every training image (an epoch still sees N pairs)
     synth_source: str = "other_class"  # Perlin fill: "other_class" (an image of another category) or "self"
+    init_images: int = 256  # training images (drawn at random) whose feature vectors seed the memory items
+    fusion_images: int = 256  # training images (drawn at random) that get the CutPaste anomalies choosing λ_f
     smooth_sigma: float = 4.0  # Gaussian smoothing of the map, in pixels of a 256-px image (RD4AD)
     epochs: int = 200
     lr: float = 5e-3
@@ -90,7 +99,7 @@ class MDDConfig:
 
         if get(profile).is_smoke:
             base = cls(backbone="efficientnet_lite0", layers=(1, 2, 3), dim=64, neck_stride=1, memory_items=48,
-                       synth_per_image=1, epochs=32, lr=3e-3, cosine_lr=True, batch_size=32)
+                       epochs=32, lr=3e-3, cosine_lr=True, batch_size=32)
         else:
             base = cls()
         return dataclasses.replace(base, **overrides)
@@ -126,16 +135,24 @@ class ClassAwareMemory(nn.Module):
         self.temperature = temperature
 
     @torch.no_grad()
-    def init_from(self, feats: torch.Tensor, generator: torch.Generator) -> None:
-        """Start the items at randomly drawn feature vectors of feats B×C×h×w (faster than noise).
+    def init_from(self, feats, generator: torch.Generator) -> None:
+        """Start the items at feature vectors drawn uniformly at random (faster than noise) from ``feats``:
+        one B×C×h×w tensor, or an iterable of them read one at a time (see :class:`VectorSample`)."""
+        sample = VectorSample(len(self.items), generator)
+        for f in [feats] if isinstance(feats, torch.Tensor) else feats:
+            sample.add(f)
+        self.load_sample(sample)
+
+    @torch.no_grad()
+    def load_sample(self, sample: "VectorSample") -> None:
+        """Items ← the sampled vectors, in units of the sampled features' RMS.
 
         The items are stored divided by the features' RMS and multiplied back on reading: teacher
         features can be large (EfficientNet's are ~10), and an optimiser step of size lr on items of
         that size would barely move them; in RMS units every teacher's items learn at the same pace."""
-        vectors = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
-        self.scale.fill_(vectors.pow(2).mean().sqrt().clamp(min=1e-6).item())
-        pick = torch.randperm(len(vectors), generator=generator)[:len(self.items)]
-        self.items[:len(pick)] = (vectors[pick] / self.scale).to(self.items)
+        self.scale.fill_(max(sample.rms, 1e-6))
+        vectors = sample.vectors
+        self.items[:len(vectors)] = (vectors.to(self.items.device) / self.scale).to(self.items)
 
     def address(self, z: torch.Tensor) -> torch.Tensor:
         """z B×C×h×w → attention weights B×h×w×N (each row sums to 1)."""
@@ -152,6 +169,38 @@ class ClassAwareMemory(nn.Module):
         w = self.address(z)
         read = (w @ self.items).permute(0, 3, 1, 2) * self.scale
         return read, w, self.class_logits(w)
+
+
+class VectorSample:
+    """A uniform random sample of ``k`` feature vectors from a stream of B×C×h×w feature maps, in O(k)
+    memory, and the RMS of the whole stream.
+
+    Reservoir sampling with random keys: every vector gets a key u ~ U(0, 1), and the ``k`` vectors of
+    largest key are kept, a sample without replacement of the vectors seen so far. Keys come from the
+    CPU ``generator``; only the kept vectors leave the features' device (as fp32 on the CPU)."""
+
+    def __init__(self, k: int, generator: torch.Generator):
+        self.k, self.generator = k, generator
+        self.keys = torch.empty(0)
+        self.vectors = torch.empty(0, 0)
+        self.sum_sq, self.count = 0.0, 0
+
+    @torch.no_grad()
+    def add(self, feats: torch.Tensor) -> None:
+        v = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])  # (B·h·w)×C, on the features' device
+        self.sum_sq += v.float().pow(2).sum().item()
+        self.count += v.numel()
+        n_old = len(self.keys)
+        keys = torch.cat([self.keys, torch.rand(len(v), generator=self.generator)])
+        top = keys.topk(min(self.k, len(keys))).indices
+        old, new = top[top < n_old], top[top >= n_old] - n_old
+        picked = v[new.to(v.device)].float().cpu()
+        self.vectors = torch.cat([self.vectors[old], picked]) if n_old else picked
+        self.keys = torch.cat([self.keys[old], keys[n_old + new]])
+
+    @property
+    def rms(self) -> float:
+        return math.sqrt(self.sum_sq / max(self.count, 1))
 
 
 class Neck(nn.Module):
@@ -194,6 +243,39 @@ class Decoder(nn.Module):
         return outs[::-1]
 
 
+class _LastStageDone(Exception):
+    """Raised by a forward hook to end the teacher's forward pass after the last stage that is read."""
+
+
+def teacher_features(teacher: nn.Module, images: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:
+    """The teacher's feature maps at stage indices ``layers``, B×3×H×W → list of B×C_k×h_k×w_k, without
+    computing the stages after the last one read (WRN50's layer4, EfficientNet's stride-32 blocks): forward
+    hooks on the stages' modules (timm's ``feature_info``) collect their outputs and stop the pass there.
+    A network without ``feature_info`` runs whole. The hooks live for one call only (the teacher is shared)."""
+    info = getattr(getattr(teacher, "model", None), "feature_info", None)
+    if info is None:
+        feats = teacher(images)
+        return [feats[i] for i in layers]
+    modules, names, last, outs = dict(teacher.model.named_modules()), info.module_name(), max(layers), {}
+
+    def keep(k):
+        def hook(module, args, out):
+            outs[k] = out
+            if k == last:
+                raise _LastStageDone
+        return hook
+
+    handles = [modules[names[k]].register_forward_hook(keep(k)) for k in set(layers)]
+    try:
+        teacher(images)
+    except _LastStageDone:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return [outs[k] for k in layers]
+
+
 class MDDNet(nn.Module):
     """Frozen teacher, optional CMM, shared neck, restoration decoder R and (``dual``) identity decoder I.
 
@@ -203,7 +285,8 @@ class MDDNet(nn.Module):
 
     def __init__(self, *, teacher: nn.Module, config: MDDConfig, classes: int):
         super().__init__()
-        self.teacher, self.config = teacher, config
+        self._teacher = [teacher]  # frozen and shared between models: kept out of the module tree and state dict
+        self.config = config
         self.channels = [teacher.channels[i] for i in config.layers]
         strides = [teacher.strides[i] for i in config.layers]
         self.memory = nn.ModuleList(
@@ -216,11 +299,16 @@ class MDDNet(nn.Module):
         self.identity_neck = (Neck(channels=self.channels, strides=strides, dim=config.dim,
                                    neck_stride=config.neck_stride) if config.dual and not config.shared_neck else None)
 
+    @property
+    def teacher(self) -> nn.Module:
+        """The frozen teacher T. Not a submodule: ``.to()``, ``state_dict()`` and checkpoints leave it alone,
+        so that several models (the rows of an ablation) can read one copy (``backbones.shared``)."""
+        return self._teacher[0]
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Teacher features at the configured scales, B×3×H×W → list of B×C_k×h_k×w_k."""
-        feats = self.teacher(images)
-        return [feats[i] for i in self.config.layers]
+        return teacher_features(self.teacher, images, self.config.layers)
 
     def read_memory(self, feats: list[torch.Tensor]):
         """CMM on every scale: (read features, weights per scale, class logits per scale); identity without memory."""
@@ -337,10 +425,10 @@ def discrepancy_loss(restored: list[torch.Tensor], identity: list[torch.Tensor],
 
 def mdd_losses(model: MDDNet, normal: list[torch.Tensor], labels: torch.Tensor, anomalous: list[torch.Tensor] | None,
                mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The five steps of Figure 2, on precomputed teacher features.
+    """The five steps of Figure 2, on the teacher features of a batch (see :func:`training_loss`).
 
     1. normality reconstruction: T(x) → CMM → neck → R;  L_rec = cos loss(T(x), R), L_cls on the memory
-    2–3. anomaly synthesis and feature extraction: done before, ``anomalous`` = T(x̃), ``mask`` = M
+    2–3. anomaly synthesis and feature extraction: ``anomalous`` = T(x̃), ``mask`` = M
     4. restoration: T(x̃) → CMM → neck → R;  L_restoration = cos loss(T(x), R(x̃))
     5. identity:    T(x̃) → neck → I;        L_identity = cos loss(T(x̃), I(x̃)),  L_dist(R(x̃), I(x̃), M)
     With ``dual=False`` only step 1 runs (plain RD4AD, plus the memory if it is on).
@@ -360,26 +448,86 @@ def mdd_losses(model: MDDNet, normal: list[torch.Tensor], labels: torch.Tensor, 
     return out
 
 
-# --------------------------------------------------------------------------- anomaly synthesis (step 2)
+def training_loss(model: MDDNet, batch: dict) -> dict[str, torch.Tensor]:
+    """The losses of one batch of :class:`TrainingPairs` items: ``image`` B×3×H×W, ``class`` B and, with
+    ``dual``, ``anomalous`` B×3×H×W and ``mask`` B×1×H×W. The frozen teacher runs here, on the normal
+    images and their synthetic anomalies in one pass of 2B images (steps 1 and 3 of Figure 2)."""
+    x = batch["image"]
+    if not model.config.dual:
+        return mdd_losses(model, model.encode(x), batch["class"], None, None)
+    t = model.encode(torch.cat([x, batch["anomalous"]]))
+    normal, anomalous = [f[:len(x)] for f in t], [f[len(x):] for f in t]
+    return mdd_losses(model, normal, batch["class"], anomalous, batch["mask"])
 
-def synthesize(images: torch.Tensor, labels: torch.Tensor, *, source: str = "other_class",
-               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """DRAEM-style Perlin anomalies on every image (``synth.perlin_anomaly``): N×3×H×W, N → N×3×H×W, N×1×H×W.
 
-    DRAEM fills the Perlin region with a foreign texture (DTD). ``source="other_class"``: the foreign
-    texture is a training image of another category, drawn at random (in the multi-class setting the
-    other classes are foreign textures at hand); ``"self"``: the image's own shuffled, recoloured tiles
-    (also used when there is only one class)."""
-    if source not in ("other_class", "self"):
-        raise ValueError(f"synth_source must be 'other_class' or 'self', got {source!r}")
-    pairs = []
-    for x, y in zip(images, labels):
-        others = torch.nonzero(labels != y).flatten()
-        fill = None
-        if source == "other_class" and len(others):
-            fill = images[others[torch.randint(len(others), (1,), generator=generator)].item()]
-        pairs.append(synth.perlin_anomaly(x, fill, generator=generator))
-    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+# --------------------------------------------------------------------------- training data (step 2)
+
+def item_categories(dataset) -> list[str]:
+    """The ``category`` of every item of ``dataset``, read from its records where it has them (file-backed
+    and in-memory sets, and concatenations of them), so that no image is loaded."""
+    if isinstance(dataset, ConcatDataset):
+        return [c for part in dataset.datasets for c in item_categories(part)]
+    if isinstance(dataset, Subset):
+        cats = item_categories(dataset.dataset)
+        return [cats[i] for i in dataset.indices]
+    if hasattr(dataset, "records"):
+        return [r.category for r in dataset.records]
+    if isinstance(getattr(dataset, "categories", None), list) and len(dataset.categories) == len(dataset):
+        return list(dataset.categories)
+    return [dataset[i]["category"] for i in range(len(dataset))]
+
+
+class TrainingPairs(Dataset):
+    """MDD-Net's training items, read from ``dataset`` one at a time (nothing is kept but every image's class).
+
+    Item ``(i, seed)``: {"image": image i, "class": its index in ``classes``} and, with ``dual``, a fresh
+    DRAEM-style anomaly of it drawn with ``seed`` (step 2 of Figure 2): a thresholded Perlin mask M whose
+    region is filled with a foreign texture (``synth.perlin_anomaly``), {"anomalous": x̃, "mask": M}.
+    DRAEM takes the texture from DTD; ``source="other_class"``: a training image of another category,
+    drawn uniformly from ``dataset`` (in the multi-class setting the other classes are foreign textures
+    at hand); ``"self"``: the image's own shuffled, recoloured tiles (also used when there is one class).
+    With :class:`FreshDraws` every epoch draws new seeds, so an image gets a new anomaly each time."""
+
+    def __init__(self, dataset, classes: list[str], *, dual: bool = True, source: str = "other_class",
+                 categories: list[str] | None = None):
+        if source not in ("other_class", "self"):
+            raise ValueError(f"synth_source must be 'other_class' or 'self', got {source!r}")
+        self.dataset, self.dual, self.source = dataset, dual, source
+        cats = item_categories(dataset) if categories is None else categories
+        self.labels = torch.tensor([classes.index(c) for c in cats])  # N class indices
+        self.others = [torch.nonzero(self.labels != k).flatten() for k in range(len(classes))]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key) -> dict:
+        i, seed = key if isinstance(key, tuple) else (key, key)
+        x, y = self.dataset[i]["image"], int(self.labels[i])
+        out = {"image": x, "class": y}
+        if self.dual:
+            g = torch.Generator().manual_seed(int(seed))
+            others, fill = self.others[y], None
+            if self.source == "other_class" and len(others):
+                fill = self.dataset[int(others[torch.randint(len(others), (1,), generator=g)])]["image"]
+            out["anomalous"], out["mask"] = synth.perlin_anomaly(x, fill, generator=g)
+        return out
+
+
+class FreshDraws(Sampler):
+    """Every epoch a permutation of the N items, each with a new synthesis seed: keys ``(i, seed)`` of
+    :class:`TrainingPairs`. Both are drawn from ``generator``, which ``train.fit`` stores in its
+    checkpoints, so a resumed run draws what an uninterrupted one would (with any number of workers)."""
+
+    def __init__(self, n: int, generator: torch.Generator):
+        self.n, self.generator = n, generator
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        seeds = torch.randint(2 ** 62, (self.n,), generator=self.generator).tolist()
+        return iter(zip(order, seeds))
 
 
 # --------------------------------------------------------------------------- memory analysis (Figure 5)
@@ -408,93 +556,129 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 
 class MDDNetDetector(Detector):
     """MDD-Net behind the book's interface. ``fit`` takes the normal images of *all* categories at once
-    (``uadkit.data.multiclass``); every item's ``category`` is its class for L_cls."""
+    (``uadkit.data.multiclass``); every item's ``category`` is its class for L_cls.
+
+    Training reads the dataset batch by batch: teacher features and synthetic anomalies are made per
+    batch, the memory items start from a reservoir over ``init_images`` images and λ_f is chosen on
+    ``fusion_images`` images, so memory does not grow with the number of training images.
+    ``num_workers`` (an attribute, default 0) loader processes may read and synthesise the batches;
+    the result does not depend on it."""
 
     name = "mdd_net"
+    batch_size_trains = True  # create(batch_size=...) sets the training batch too (config.batch_size)
 
     def __init__(self, config: MDDConfig | None = None, *, pretrained: bool = True, **kw):
         super().__init__(**kw)
         self.config = c = config or MDDConfig()
-        self.teacher = backbones.create(c.backbone, pretrained=pretrained).to(self.device)
+        self.teacher = backbones.shared(c.backbone, pretrained=pretrained, device=self.device)  # one per process
         self.model: MDDNet | None = None
         self.classes: list[str] = []
         self.history: list[float] = []
+        self.num_workers = 0
         self.fusion_weight: float = 1.0 if c.fusion_weight is None else c.fusion_weight
         self.fusion_curve: dict[float, float] = {}  # validation pixel AUROC of every λ_f candidate
 
-    @torch.no_grad()
-    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Teacher features of N×3×H×W images in batches, on the CPU."""
-        parts = [[f.cpu() for f in self.model.encode(images[i:i + self.batch_size].to(self.device))]
-                 for i in range(0, len(images), self.batch_size)]
-        return [torch.cat(p) for p in zip(*parts)]
-
-    def synthesize(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step 2 with this detector's ``synth_source`` (see :func:`synthesize`)."""
-        return synthesize(images, labels, source=self.config.synth_source, generator=generator)
+    def training_data(self, dataset, categories: list[str] | None = None) -> DataLoader:
+        """The training batches: :class:`TrainingPairs` of ``dataset`` in :class:`FreshDraws` order."""
+        c = self.config
+        pairs = TrainingPairs(dataset, self.classes, dual=c.dual, source=c.synth_source, categories=categories)
+        return DataLoader(pairs, batch_size=c.batch_size, collate_fn=collate, num_workers=self.num_workers,
+                          sampler=FreshDraws(len(pairs), torch.Generator().manual_seed(self.seed)),
+                          persistent_workers=self.num_workers > 0)
 
     def _fit(self, train_loader, checkpoint=None) -> None:
         c = self.config
-        batches = list(train_loader)
-        images = torch.cat([b["image"] for b in batches])
-        cats = [cat for b in batches for cat in b["category"]]
+        dataset = train_loader.dataset
+        cats = item_categories(dataset)
         self.classes = sorted(set(cats))
-        labels = torch.tensor([self.classes.index(cat) for cat in cats])
         torch.manual_seed(self.seed)
         self.model = MDDNet(teacher=self.teacher, config=c, classes=len(self.classes)).to(self.device)
         g = torch.Generator().manual_seed(self.seed)
-        normal = self.features(images)
         if self.model.memory is not None:
-            for mem, f in zip(self.model.memory, normal):
-                mem.init_from(f, g)
-        k = c.synth_per_image if c.dual else 1
-        tensors = [torch.cat([f] * k) for f in normal] + [labels.repeat(k)]
-        if c.dual:
-            bad, masks = self.synthesize(images.repeat(k, 1, 1, 1), labels.repeat(k), g)
-            tensors += self.features(bad) + [masks]
-        n = len(self.model.channels)
-        pairs = torch.utils.data.TensorDataset(*tensors)  # k·N (normal, anomalous version) pairs
-        # an epoch is N pairs drawn from the k·N without replacement: every image's k versions take turns
-        sampler = torch.utils.data.RandomSampler(pairs, num_samples=len(images),
-                                                 generator=torch.Generator().manual_seed(self.seed))
-        data = torch.utils.data.DataLoader(pairs, batch_size=c.batch_size, sampler=sampler)
-
-        def loss_fn(model, b):
-            anomalous, mask = (list(b[n + 1:2 * n + 1]), b[2 * n + 1]) if c.dual else (None, None)
-            return mdd_losses(model, list(b[:n]), b[n], anomalous, mask)["total"]
-
+            self.init_memory(dataset, g)
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=c.lr, betas=(0.5, 0.999))  # RD4AD's optimiser
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.epochs) if c.cosine_lr else None
-        self.history = train.fit(self.model, loss_fn, data, epochs=c.epochs, optimizer=opt, device=self.device,
-                                 scheduler=sched, checkpoint=checkpoint, desc="MDD-Net" if c.dual else "RD",
-                                 progress=self.progress)
+        self.history = train.fit(self.model, lambda model, b: training_loss(model, b)["total"],
+                                 self.training_data(dataset, cats), epochs=c.epochs, optimizer=opt,
+                                 device=self.device, scheduler=sched, checkpoint=checkpoint,
+                                 desc="MDD-Net" if c.dual else "RD", progress=self.progress)
         if c.dual and c.fusion_weight is None:
-            self.fusion_weight, self.fusion_curve = self.choose_fusion_weight(images, g)
+            self.fusion_weight, self.fusion_curve = self.choose_fusion_weight(dataset, g)
+
+    def _sample(self, dataset, n: int, generator: torch.Generator) -> list[int]:
+        """``n`` item indices of ``dataset`` drawn at random without replacement (all of them if fewer)."""
+        return torch.randperm(len(dataset), generator=generator)[:n].tolist()
 
     @torch.no_grad()
-    def choose_fusion_weight(self, images: torch.Tensor, generator: torch.Generator
-                             ) -> tuple[float, dict[float, float]]:
-        """λ_f on validation anomalies: CutPaste patches and scars (alternately) pasted into the training
-        images; a synthesis the model never trained on (it trains on Perlin), so the choice rewards a
-        signal that generalises to new kinds of defect. No test image is used."""
-        pairs = [synth.cutpaste(x, generator=generator, scar=bool(i % 2)) for i, x in enumerate(images)]
-        x_val, m_val = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-        s_res, s_dis = (torch.cat([self.maps(x_val[i:i + self.batch_size].to(self.device), signal=signal).cpu()
-                                   for i in range(0, len(x_val), self.batch_size)])
-                        for signal in ("restoration", "discrepancy"))
-        return select_fusion_weight(s_res, s_dis, m_val, self.config.fusion_grid)
+    def init_memory(self, dataset, generator: torch.Generator) -> None:
+        """Every scale's items start at feature vectors drawn at random from the teacher features of
+        ``init_images`` training images drawn at random (every class has its share), read batch by batch:
+        a :class:`VectorSample` per scale keeps only ``memory_items`` vectors."""
+        samples = [VectorSample(len(mem.items), generator) for mem in self.model.memory]
+        part = Subset(dataset, self._sample(dataset, self.config.init_images, generator))
+        for batch in loader(part, batch_size=self.batch_size):
+            for sample, f in zip(samples, self.model.encode(batch["image"].to(self.device))):
+                sample.add(f)
+        for mem, sample in zip(self.model.memory, samples):
+            mem.load_sample(sample)
 
-    def maps(self, images: torch.Tensor, *, signal: str | None = None, weight: float | None = None) -> torch.Tensor:
+    @torch.no_grad()
+    def choose_fusion_weight(self, dataset, generator: torch.Generator) -> tuple[float, dict[float, float]]:
+        """λ_f on validation anomalies: CutPaste patches and scars (alternately) pasted into ``fusion_images``
+        training images drawn at random; a synthesis the model never trained on (it trains on Perlin), so
+        the choice rewards a signal that generalises to new kinds of defect. No test image is used."""
+        idx = self._sample(dataset, self.config.fusion_images, generator)
+        s_res, s_dis, masks = [], [], []
+        for start in range(0, len(idx), self.batch_size):
+            pairs = [synth.cutpaste(dataset[i]["image"], generator=generator, scar=bool(j % 2))
+                     for j, i in enumerate(idx[start:start + self.batch_size], start)]
+            x = torch.stack([p[0] for p in pairs]).to(self.device)
+            out = self.model(x)  # one pass gives both signals
+            for signal, parts in (("restoration", s_res), ("discrepancy", s_dis)):
+                parts.append(self.smooth(fused_map(out, x.shape[-2:], signal=signal)).float().cpu())
+            masks.append(torch.stack([p[1] for p in pairs]))
+        return select_fusion_weight(torch.cat(s_res), torch.cat(s_dis), torch.cat(masks), self.config.fusion_grid)
+
+    def smooth(self, maps: torch.Tensor) -> torch.Tensor:
+        """RD4AD's Gaussian smoothing, σ = ``smooth_sigma`` pixels of a 256-px image scaled to this one."""
+        return gaussian_blur(maps, self.config.smooth_sigma * maps.shape[-1] / 256)
+
+    def maps(self, images: torch.Tensor, *, signal: str | None = None, weight: float | None = None,
+             out: dict | None = None) -> torch.Tensor:
         """Smoothed anomaly maps B×1×H×W of one signal ("fused", "restoration", "discrepancy");
-        ``weight``: λ_f of the fused map (default: the one chosen after training)."""
+        ``weight``: λ_f of the fused map (default: the one chosen after training); ``out``: the model's
+        output on ``images`` if already computed (one forward pass serves every signal)."""
         c = self.config
-        out = self.model(images)
+        out = self.model(images) if out is None else out
         signal = signal or (c.signal if c.dual else "restoration")
         s = fused_map(out, images.shape[-2:], signal=signal, weight=self.fusion_weight if weight is None else weight)
-        return gaussian_blur(s, c.smooth_sigma * images.shape[-1] / 256)
+        return self.smooth(s)
 
     def _predict_batch(self, images):
         maps = self.maps(images)
         return image_score(maps), maps
+
+
+# --------------------------------------------------------------------------- cost of a paper run
+
+def step_cost(config: MDDConfig, *, image_size: int = 256, classes: int = 15, batch_size: int | None = None):
+    """One training step and the scoring of one batch at the real shapes, counted on the meta device
+    (:func:`uadkit.cost.measure`: shapes only, nothing is computed). Returns ``(train, score)``, two
+    :class:`uadkit.cost.StepCost`. ``train`` is :func:`training_loss` forward and backward on a batch of
+    ``batch_size`` (default: the config's) images: the frozen teacher on the images and their anomalies,
+    CMM, neck and both decoders; ``score`` is :meth:`MDDNetDetector._predict_batch` (the model's forward,
+    the fused map, its smoothing). Weights: the teacher's (frozen) and the model's (trained)."""
+    from .. import cost
+
+    b, s = batch_size or config.batch_size, image_size
+    with torch.device("meta"):
+        det = MDDNetDetector(config, pretrained=False, device="meta", progress=False)
+        det.model = MDDNet(teacher=det.teacher, config=config, classes=classes)
+        det.classes = [str(k) for k in range(classes)]
+        batch = {"image": torch.rand(b, 3, s, s), "class": torch.zeros(b, dtype=torch.long),
+                 "anomalous": torch.rand(b, 3, s, s), "mask": torch.rand(b, 1, s, s)}
+        train_step = cost.measure(lambda: training_loss(det.model, batch)["total"].backward(), det.model, det.teacher)
+        with torch.no_grad():
+            score = cost.measure(lambda: det._predict_batch(batch["image"]), det.model, det.teacher)
+    return train_step, score
