@@ -154,11 +154,11 @@ def test_stage1_is_repeatable_and_resumes(tmp_path):
     ck = tmp_path / "anomem.pt"
     A.AnoMemDetector(_tiny(epochs=2), progress=False).fit(train, checkpoint=ck)
     state = torch.load(ck, weights_only=True)
-    state["history"], state["epoch"] = [123.0], 1  # as if cut off after epoch 1; the sentinel shows a resume
+    state["epoch"], state["history"] = 1, [123.0]  # as if cut off after epoch 1; a sentinel only a resumed run keeps
     torch.save(state, ck)
     c = A.AnoMemDetector(_tiny(epochs=2), progress=False).fit(train, checkpoint=ck)
     assert len(c.history) == 2 and c.history[0] == 123.0 and c.history[1] != 123.0
-    with pytest.raises(ValueError, match="other settings"):  # a checkpoint of other settings is refused
+    with pytest.raises(ValueError, match="other settings"):  # a checkpoint of another config is not resumed
         A.AnoMemDetector(_tiny(epochs=3), progress=False).fit(train, checkpoint=ck)
 
 
@@ -209,3 +209,182 @@ def test_cub_loader_on_a_fake_tree(tmp_path):
 def test_cub_loader_fails_fast_naming_the_script(tmp_path):
     with pytest.raises(DatasetUnavailable, match="data_scripts/cub.py"):
         get_dataset("cub200/0", "train", root=tmp_path)
+
+
+# --------------------------------------------------------------------------- paper-scale memory and devices
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor (in elements) any operator produces, forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_nt_xent_in_row_blocks_equals_the_whole_matrix():
+    torch.manual_seed(0)
+    a, b = torch.randn(37, 8, requires_grad=True), torch.randn(37, 8, requires_grad=True)
+    whole = A.nt_xent(a, b, tau=0.1)
+    ga, gb = torch.autograd.grad(whole.sum(), (a, b))
+    for budget in (74 * 5, 74 * 13, 1):  # blocks of 5 and 13 rows (the last one shorter), and of 1 row
+        blocks = A.nt_xent(a, b, tau=0.1, max_elements=budget)
+        assert blocks.shape == (74,) and torch.allclose(blocks, whole, atol=1e-5)
+        ba, bb = torch.autograd.grad(blocks.sum(), (a, b))
+        assert torch.allclose(ba, ga, atol=1e-5) and torch.allclose(bb, gb, atol=1e-5)
+    assert torch.equal(A.nt_xent(a, b, tau=0.1, max_elements=74 * 74), whole)  # fits: one block, the same numbers
+
+
+def test_nt_xent_memory_is_bounded_at_figure_4s_r_1():
+    # r(1) = 1 at B = 1024 and 8×8 positions: 2·1024·64 = 131,072 anchors, a 131,072² logit matrix (69 GB) if whole
+    n = 1024 * 64
+    a = torch.randn(n, 16, device="meta", requires_grad=True)
+    b = torch.randn(n, 16, device="meta", requires_grad=True)
+    with _LargestTensor() as seen:
+        A.nt_xent(a, b, tau=0.1).mean().backward()
+    assert seen.largest <= A.NT_XENT_MAX_ELEMENTS < (2 * n) ** 2 // 100
+    assert a.grad.shape == a.shape
+
+
+def _strict_generators(monkeypatch):
+    """torch.multinomial / torch.randint that refuse a generator on another device than their tensors,
+    as CUDA's kernels do (the meta device does not check)."""
+    real_multinomial, real_randint = torch.multinomial, torch.randint
+
+    def multinomial(input, num_samples, *args, generator=None, **kw):
+        if generator is not None and generator.device.type != input.device.type:
+            raise RuntimeError(f"generator on {generator.device}, weights on {input.device}")
+        return real_multinomial(input, num_samples, *args, generator=generator, **kw)
+
+    def randint(*args, generator=None, device=None, **kw):
+        if generator is not None and generator.device.type != torch.device(device or "cpu").type:
+            raise RuntimeError(f"generator on {generator.device}, output on {device or 'cpu'}")
+        return real_randint(*args, generator=generator, device=device, **kw)
+
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    monkeypatch.setattr(torch, "randint", randint)
+
+
+def test_kmeans_seeding_draws_with_a_generator_on_the_vectors_device(monkeypatch):
+    _strict_generators(monkeypatch)
+    x = F.normalize(torch.randn(50, 4), dim=-1)
+    c = A.kmeans_pp(x, 5, seed=0)
+    assert c.shape == (5, 4) and torch.equal(c, A.kmeans_pp(x, 5, seed=0))  # CPU: seeded, repeatable
+    meta = A.kmeans_pp(x.to("meta"), 5, seed=0)  # not the CPU generator for another device's tensors
+    assert meta.shape == (5, 4) and meta.device.type == "meta"
+
+
+def test_kmeans_streamed_in_batches_matches_kmeans_in_memory():
+    torch.manual_seed(0)
+    centres = F.normalize(torch.randn(4, 6), dim=-1)
+    x = (centres.repeat_interleave(30, 0) + 0.05 * torch.randn(120, 6))[torch.randperm(120)]
+    whole = A.KMeansPrototypes(dim=6, patterns=4).fit(x, seed=0).centroids
+    one = A.KMeansPrototypes(dim=6, patterns=4).fit_stream(lambda: iter([x]), seed=0).centroids
+    assert torch.equal(one, whole)  # one batch: the in-memory algorithm, number for number
+    parts = A.KMeansPrototypes(dim=6, patterns=4).fit_stream(lambda: iter(x.split(7)), seed=0, sample=1000)
+    assert torch.allclose(parts.centroids, whole, atol=1e-5)  # batches change only the order of the sums
+    small = A.KMeansPrototypes(dim=6, patterns=4).fit_stream(lambda: iter(x.split(7)), seed=0, sample=20)
+    found = small.centroids @ centres.T  # seeded from a sample of 20 vectors: still finds the 4 clusters
+    assert sorted(found.argmax(1).tolist()) == [0, 1, 2, 3] and found.max(1).values.min() > 0.95
+
+
+def test_contaminated_training_set_reads_items_and_copies_no_image():
+    train, pool, _ = _digits()
+    mixed = A.contaminate(train, pool, 0.05, seed=0)
+    assert not any(isinstance(v, torch.Tensor) and v.ndim == 4 for v in vars(mixed).values())  # no N×3×H×W copy
+    n = len(train)
+    assert torch.equal(mixed[0]["image"], train[0]["image"]) and mixed[0]["label"] == 0
+    assert mixed[n]["label"] == 1 and mixed[len(mixed) - 1]["label"] == 1 == int(mixed.labels[-1])
+    assert mixed[n]["mask"].shape == (1, 16, 16) and mixed[-1]["label"] == 1
+    assert torch.equal(mixed[n]["image"], pool[int(mixed.pick[0])]["image"])
+
+
+def test_contaminated_items_are_cached_up_to_a_budget(monkeypatch):
+    train, pool, _ = _digits()
+    reads = []
+
+    class Counting(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(train)
+
+        def __getitem__(self, i):
+            reads.append(i)
+            return train[i]
+
+    monkeypatch.setattr(A, "ITEM_CACHE_BYTES", 10 * 3 * 16 * 16 * 4 + 10 * 16 * 16 * 4)  # 10 items' image + mask
+    mixed = A.contaminate(Counting(), pool, 0.0)
+    for _ in range(3):  # three epochs
+        for i in range(len(mixed)):
+            mixed[i]
+    assert reads.count(0) == 1 and reads.count(len(train) - 1) == 3  # the first 10 read once, the rest each epoch
+    assert sum(reads.count(i) == 1 for i in range(len(train))) == 10
+
+
+def test_stage2_and_scoring_see_one_batch_at_a_time(monkeypatch):
+    train, pool, test = _digits()
+    mixed = A.contaminate(train, pool, 0.1)
+    det = A.AnoMemDetector(_tiny(batch_size=16), progress=False)
+    sizes = []
+    real = A.AnoMemDetector.deltas
+    monkeypatch.setattr(A.AnoMemDetector, "deltas", lambda self, images: sizes.append(len(images)) or real(self, images))
+    det.fit(mixed)
+    assert det.detectors is not None and len(mixed) > 16 and max(sizes) <= 16
+    sizes.clear()
+    big = torch.utils.data.ConcatDataset([test] * 5)  # 5 × the test set: more than one scoring batch
+    out = det.score_all(big)
+    assert len(out["semi-supervised"]) == len(big) and max(sizes) <= 16 < len(big)
+    assert torch.isfinite(out["semi-supervised"]).all()
+
+
+def test_fit_memory_does_not_grow_with_the_training_set(tmp_path):
+    """Peak memory of a paper-profile fit (ResNet-50 at 32 px, dry-run caps, stage-1 batch 8) with the
+    k-means baseline on both scales (one Lloyd iteration), whose seeding sample is capped at 1,024 vectors
+    (16 images' first scale): from 16 to 128 training images it grows by less than 60 MB (measured: about
+    20 MB). The code that held every image's 8×8×1024 first-scale features (256 KB each, and copies) grew
+    by about 400 MB."""
+    from memory import fit_peak_mb
+
+    kw = dict(image_size=32, batch_size=8, prototypes="kmeans", kmeans_sample=1024, kmeans_iters=1)
+    small = fit_peak_mb("anomem", 16, tmp_path, **kw)
+    large = fit_peak_mb("anomem", 128, tmp_path, **kw)
+    assert large - small < 60, f"peak memory grew by {large - small:.0f} MB (16: {small:.0f} MB, 128: {large:.0f} MB)"
+
+
+def test_one_training_step_and_prediction_on_the_meta_device():
+    """Every tensor the method builds follows its inputs' device: on "meta", one built on the CPU fails."""
+    import torch.fx.experimental._config as fx_config
+
+    config = A.AnoMemConfig.for_profile("paper")
+    with torch.device("meta"):
+        net = A.AnoMemNet(config=config)
+    det = A.AnoMemDetector(config, device="meta", progress=False)
+    det.net, det._gen = net, torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 32, 32, device="meta")
+    normal = torch.ones(4, dtype=torch.int64, device="meta")
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):  # the variance loss keeps the normal rows: all
+        loss = det._stage1_loss(net, (x, normal))
+    loss.backward()
+    assert loss.device.type == "meta" and net.memories[0].patterns.grad.device.type == "meta"
+    scores, maps = det._predict_batch(x)  # one-class
+    assert scores.shape == (4,) and maps.shape == (4, 1, 32, 32) and maps.device.type == "meta"
+    delta = det.deltas(x)
+    det.detectors = torch.nn.ModuleList([A.ScaleDetector(channels=d.shape[1], pool=min(2, d.shape[-1]), hidden=8)
+                                         for d in delta]).to("meta")
+    stage2 = torch.stack([A.double_hinge(g(d), normal, margin=2.0) for g, d in zip(det.detectors, delta)]).mean()
+    stage2.backward()
+    scores, maps = det._predict_batch(x)  # semi-supervised
+    assert scores.shape == (4,) and scores.device.type == "meta" and maps.shape == (4, 1, 32, 32)
+
+
+def test_stage1_step_cost_counts_the_papers_step_on_meta():
+    paper = A.AnoMemConfig.for_profile("paper")
+    small = A.stage1_step_cost(paper, 8)
+    large = A.stage1_step_cost(paper, 16)
+    assert 2 * small.flops * 0.9 < large.flops < 2 * small.flops * 1.2  # mostly the encoder: linear in B
+    assert small.param_bytes > 90e6 and small.activation_bytes > 0  # ResNet-50 + memories, float32

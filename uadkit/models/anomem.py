@@ -16,6 +16,12 @@ Two stages on a ResNet trained from scratch (no pretrained weights anywhere):
                   double_hinge             Eq. (11)–(12): the distance loss of stage 2, margin M
                   fuse                     Eq. (13): λ(s)-weighted mean over scales, λ(s) = 2^(s−1)
     baseline    : KMeansPrototypes         Table 4: k-means centroids of the learned features as prototypes
+    cost        : stage1_step_cost         FLOPs and saved activations of one stage-1 step, on the meta device
+
+Memory does not grow with the training set: stage 1, stage 2, the k-means baseline and scoring read
+the data batch by batch (``contaminate``'s sets keep at most ``ITEM_CACHE_BYTES`` of decoded items), and
+the contrastive loss, whose similarity matrix is (2·B·|Ω|)² (at r = 1 and B = 1024, 131,072² logits), is
+computed in row blocks of at most ``NT_XENT_MAX_ELEMENTS`` logits.
 
 Labels: the paper writes y = 1 for *normal*; the datasets of this book write label 0 for normal.
 Functions below take ``normal`` (1 = normal, 0 = anomaly), the paper's y, and the detector converts.
@@ -26,6 +32,7 @@ are listed in the chapter's "Reimplementation notes" and marked "choice" below.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -34,17 +41,25 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.checkpoint import checkpoint as _recompute_in_backward
+from torch.utils.data import DataLoader, Dataset
 
-from .. import train
-from ..data.base import ArrayDataset
+from .. import dryrun, train
+from ..data.base import stack
 from .base import Detector
 
 __all__ = [
     "AnoMemConfig", "BasicBlock", "Bottleneck", "ResNet", "Hopfield", "KMeansPrototypes", "AnoMemNet",
     "nt_xent", "memorize", "variance_loss", "multiscale_loss", "augment", "deviation_maps",
-    "one_class_scores", "ScaleDetector", "double_hinge", "fuse", "contaminate", "AnoMemDetector",
+    "one_class_scores", "ScaleDetector", "double_hinge", "fuse", "contaminate", "AnoMemDetector", "kmeans_pp",
+    "stage1_step_cost", "NT_XENT_MAX_ELEMENTS",
 ]
+
+# The largest similarity block nt_xent builds at once (2^27 logits: 512 MB in float32). Above it the
+# loss is computed in row blocks, each recomputed in the backward pass instead of kept (same value).
+NT_XENT_MAX_ELEMENTS = 2 ** 27
+SCORE_BATCH = 256  # at most this many images per encoder pass without gradients
+ITEM_CACHE_BYTES = 256 * 2 ** 20  # training items kept in memory between epochs, at most (see contaminate)
 
 
 # --------------------------------------------------------------------------- settings
@@ -78,6 +93,8 @@ class AnoMemConfig:
     jitter: float = 0.4  # brightness / contrast / saturation strength
     noise: float = 0.05  # std of the added Gaussian noise
     blur: bool = True
+    kmeans_iters: int = 50  # Lloyd iterations of the Table 4 baseline (each one pass over the normal images)
+    kmeans_sample: int = 65536  # at most this many feature vectors, drawn at random, seed k-means++
     threads: int = 0  # torch threads while training/scoring (0: torch's default); smoke uses 1, see below
 
     @classmethod
@@ -203,6 +220,24 @@ class Hopfield(nn.Module):
         return xi
 
 
+def _generator(device, seed: int) -> torch.Generator | None:
+    """A seeded generator on ``device``: CUDA's random kernels refuse a CPU generator. Meta tensors hold
+    no numbers, so a draw for them needs none (None)."""
+    device = torch.device(device)
+    return None if device.type == "meta" else torch.Generator(device=device).manual_seed(seed)
+
+
+def kmeans_pp(x: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
+    """k-means++ seeds: k rows of ``x`` (n×d), the first uniform, each next one drawn ∝ the squared
+    distance to the nearest seed so far. The draws use a generator on ``x``'s device."""
+    g = _generator(x.device, seed)
+    c = x[torch.randint(len(x), (1,), generator=g, device=x.device)]
+    while len(c) < k:
+        d2 = torch.cdist(x, c).min(1).values ** 2
+        c = torch.cat([c, x[torch.multinomial(d2 + 1e-12, 1, generator=g)]])
+    return c
+
+
 class KMeansPrototypes(nn.Module):
     """Table 4 baseline: k-means centroids of normal features replace the Hopfield memory;
     retrieval returns the closest centroid (on the unit sphere, like :class:`Hopfield`)."""
@@ -214,17 +249,40 @@ class KMeansPrototypes(nn.Module):
     @torch.no_grad()
     def fit(self, vectors: torch.Tensor, *, iters: int = 50, seed: int = 0) -> "KMeansPrototypes":
         """Lloyd's k-means with k-means++ seeding on unit-normalised ``vectors`` (n×d)."""
-        x = F.normalize(vectors.float(), dim=-1)
-        k, g = min(len(self.centroids), len(x)), torch.Generator().manual_seed(seed)
-        c = x[torch.randint(len(x), (1,), generator=g)]
-        while len(c) < k:  # k-means++: next centre drawn ∝ squared distance to the nearest one
-            d2 = torch.cdist(x, c).min(1).values ** 2
-            c = torch.cat([c, x[torch.multinomial(d2 + 1e-12, 1, generator=g)]])
+        return self.fit_stream(lambda: iter([vectors]), iters=iters, seed=seed, sample=len(vectors))
+
+    @torch.no_grad()
+    def fit_stream(self, batches, *, iters: int = 50, seed: int = 0, sample: int = 65536) -> "KMeansPrototypes":
+        """Lloyd's k-means over data that need not fit in memory: ``batches()`` yields the vectors (n_b×d)
+        afresh for every pass. k-means++ seeds come from at most ``sample`` vectors drawn uniformly
+        (all of them when there are fewer); each Lloyd iteration is one pass that sums the vectors
+        assigned to each centroid. With a single batch this is :meth:`fit`, number for number."""
+        keys_gen = torch.Generator().manual_seed(seed + 1)  # the sample's random keys (CPU, own stream)
+        pool, keys = None, None
+        for xb in batches():  # a uniform sample: the `sample` vectors of smallest random key, in order
+            xb = F.normalize(xb.float(), dim=-1)
+            kb = torch.rand(len(xb), generator=keys_gen)
+            pool = xb if pool is None else torch.cat([pool, xb])
+            keys = kb if keys is None else torch.cat([keys, kb])
+            if len(pool) > sample:
+                keep = keys.topk(sample, largest=False).indices.sort().values
+                pool, keys = pool[keep.to(pool.device)], keys[keep]
+        k = min(len(self.centroids), len(pool))
+        c = kmeans_pp(pool, k, seed=seed)
+        del pool, keys
         for _ in range(iters):
-            assign = torch.cdist(x, c).argmin(1)
+            sums, counts = torch.zeros_like(c), [0] * k
+            for xb in batches():
+                xb = F.normalize(xb.float(), dim=-1)
+                assign = torch.cdist(xb, c).argmin(1)
+                for j in range(k):
+                    m = assign == j
+                    if m.any():
+                        sums[j] += xb[m].sum(0)
+                        counts[j] += int(m.sum())
             for j in range(k):
-                if (assign == j).any():
-                    c[j] = x[assign == j].mean(0)
+                if counts[j]:
+                    c[j] = sums[j] / counts[j]
         self.centroids = torch.zeros_like(self.centroids)
         self.centroids[:k] = F.normalize(c, dim=-1)
         self.centroids[k:] = self.centroids[0]
@@ -268,17 +326,33 @@ class AnoMemNet(nn.Module):
 
 # --------------------------------------------------------------------------- stage 1 loss
 
-def nt_xent(a: torch.Tensor, b: torch.Tensor, *, tau: float = 0.1) -> torch.Tensor:
+def _nt_xent_rows(z: torch.Tensor, lo: int, hi: int, tau: float) -> torch.Tensor:
+    """Eq. (5) for the anchors lo..hi−1 of the multi-view batch ``z`` (2n×d, unit rows): (hi − lo) losses."""
+    n2 = len(z)
+    sim = z[lo:hi] @ z.T / tau  # (hi−lo)×2n
+    rows = torch.arange(lo, hi, device=z.device)
+    sim = sim.masked_fill(rows[:, None] == torch.arange(n2, device=z.device)[None], float("-inf"))  # p ≠ z
+    return F.cross_entropy(sim, (rows + n2 // 2) % n2, reduction="none")  # positive: the other view
+
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, *, tau: float = 0.1,
+            max_elements: int | None = None) -> torch.Tensor:
     """Eq. (5) for both directions: the 2n anchors' losses (2n), l(a_k, b_k) then l(b_k, a_k).
 
     l(z, z') = −log exp(sim(z, z')/τ) / Σ_{p ≠ z} exp(sim(z, p)/τ), p over the 2n vectors of the
-    multi-view batch; sim is the cosine similarity."""
-    n = len(a)
+    multi-view batch; sim is the cosine similarity.
+
+    The 2n×2n similarity matrix is built whole when it has at most ``max_elements`` entries (default
+    :data:`NT_XENT_MAX_ELEMENTS`); above, in blocks of rows of at most that many entries, each block
+    checkpointed (recomputed in the backward pass), so memory stays bounded whatever n is."""
     z = F.normalize(torch.cat([a, b]), dim=-1)  # 2n×d
-    sim = z @ z.T / tau
-    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))  # p ≠ z
-    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-    return F.cross_entropy(sim, positive, reduction="none")
+    n2 = len(z)
+    rows = max(1, (max_elements or NT_XENT_MAX_ELEMENTS) // n2)
+    if rows >= n2:
+        return _nt_xent_rows(z, 0, n2, tau)
+    return torch.cat([_recompute_in_backward(_nt_xent_rows, z, lo, min(lo + rows, n2), tau,
+                                             use_reentrant=False, preserve_rng_state=False)
+                      for lo in range(0, n2, rows)])
 
 
 def memorize(z: torch.Tensor, memory: nn.Module, normal: torch.Tensor) -> torch.Tensor:
@@ -398,17 +472,46 @@ def double_hinge(d: torch.Tensor, normal: torch.Tensor, *, margin: float = 2.0) 
 
 # --------------------------------------------------------------------------- data: anomaly ratio γ
 
-def contaminate(normal_set, anomaly_pool, gamma: float, *, seed: int = 0) -> ArrayDataset:
+class _Contaminated(Dataset):
+    """``normal_set`` (label 0) followed by the items ``pick`` of ``anomaly_pool`` (relabelled 1), read
+    from the two sets item by item: no image is copied. Items read once are kept for later epochs while
+    they fit in ``ITEM_CACHE_BYTES`` (a CUB-200 class at 32 px is 0.4 MB; without it, its JPEGs would be
+    decoded again in each of 500 one-step epochs), so memory stays bounded whatever the set's size."""
+
+    def __init__(self, normal_set, anomaly_pool, pick, *, name: str):
+        self.normal_set, self.anomaly_pool, self.pick = normal_set, anomaly_pool, [int(i) for i in pick]
+        self.name, self.category, self.has_masks = name, name, False
+        self.labels = np.r_[np.zeros(len(normal_set)), np.ones(len(self.pick))].astype(np.int64)
+        self._cache, self._cached_bytes = {}, 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} items")
+        i, n = i % len(self), len(self.normal_set)
+        if i in self._cache:
+            return dict(self._cache[i])
+        item = self.normal_set[i] if i < n else self.anomaly_pool[self.pick[i - n]]
+        item = {**item, "label": int(self.labels[i]), "category": self.name}
+        size = sum(v.numel() * v.element_size() for v in item.values() if isinstance(v, torch.Tensor))
+        if self._cached_bytes + size <= ITEM_CACHE_BYTES:
+            self._cache[i], self._cached_bytes = item, self._cached_bytes + size
+        return dict(item)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, n={len(self)}, anomalous={len(self.pick)})"
+
+
+def contaminate(normal_set, anomaly_pool, gamma: float, *, seed: int = 0) -> Dataset:
     """The training set of ratio γ: all images of ``normal_set`` (label 0) plus ⌈γ·n⌉ images drawn with
-    ``seed`` from ``anomaly_pool`` (label 1). γ = 0 is the one-class setting."""
-    x = torch.stack([normal_set[i]["image"] for i in range(len(normal_set))])
-    n_anom = int(math.ceil(gamma * len(x) - 1e-9))
-    if n_anom:
-        pick = np.sort(np.random.default_rng(seed).choice(len(anomaly_pool), size=n_anom, replace=False))
-        x = torch.cat([x, torch.stack([anomaly_pool[int(i)]["image"] for i in pick])])
-    labels = np.r_[np.zeros(len(normal_set)), np.ones(n_anom)].astype(np.int64)
+    ``seed`` from ``anomaly_pool`` (label 1). γ = 0 is the one-class setting. The images stay in the two
+    sets and are read item by item (``.labels`` holds the labels)."""
+    n_anom = int(math.ceil(gamma * len(normal_set) - 1e-9))
+    pick = np.sort(np.random.default_rng(seed).choice(len(anomaly_pool), size=n_anom, replace=False)) if n_anom else []
     name = f"{getattr(normal_set, 'name', 'train')} + γ={gamma:g}"
-    return ArrayDataset(x, labels, None, category=name, name=name, has_masks=False)
+    return _Contaminated(normal_set, anomaly_pool, pick, name=name)
 
 
 # --------------------------------------------------------------------------- detector
@@ -436,6 +539,7 @@ class AnoMemDetector(Detector):
     ``predict`` returns the fused one-class score of Eq. (9). Maps: ‖Δ(s)_ij‖ upsampled and fused."""
 
     name = "anomem"
+    batch_size_trains = True  # uadkit.models.create(batch_size=) sets config.batch_size (the stage-1 batch B) too
 
     def __init__(self, config: AnoMemConfig | None = None, *, pretrained: bool = True, **kw):
         super().__init__(**kw)
@@ -453,41 +557,74 @@ class AnoMemDetector(Detector):
 
     def _fit(self, train_loader, checkpoint=None) -> None:
         with _threads(self.config.threads):
-            self._fit_both(train_loader, checkpoint)
+            self._fit_both(train_loader.dataset, checkpoint)
 
-    def _fit_both(self, train_loader, checkpoint=None) -> None:
+    def _fit_both(self, dataset, checkpoint=None) -> None:
+        """Both stages on ``dataset``, read batch by batch (no copy of the training set is held)."""
         c = self.config
         torch.manual_seed(self.seed)
-        images, labels = [], []
-        for batch in train_loader:
-            images.append(batch["image"])
-            labels.append(torch.as_tensor(batch["label"]))
-        images, normal = torch.cat(images), 1 - torch.cat(labels)  # the paper's y: 1 = normal
+        n, normal = len(dataset), 1 - _labels(dataset)  # the paper's y: 1 = normal
         self.net = AnoMemNet(config=c).to(self.device)
         self._gen = train.make_generator(self.seed)
-        data = DataLoader(TensorDataset(images, normal), batch_size=min(c.batch_size, len(images)), shuffle=True,
-                          drop_last=len(images) > c.batch_size, generator=train.make_generator(self.seed))
+        data = DataLoader(dataset, batch_size=min(c.batch_size, n), shuffle=True, drop_last=n > c.batch_size,
+                          generator=train.make_generator(self.seed), collate_fn=_views)
         opt = torch.optim.SGD(self.net.parameters(), lr=c.lr, momentum=0.9, nesterov=True, weight_decay=c.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.epochs)
         self.history = train.fit(self.net, self._stage1_loss, data, epochs=c.epochs, optimizer=opt, scheduler=sched,
                                  device=self.device, checkpoint=checkpoint, desc="AnoMem stage 1", progress=self.progress)
+        if dryrun.active():
+            self._recompute_bn_statistics(next(iter(data))[0])
         self.net.eval()
         if c.prototypes == "kmeans":
-            self._fit_kmeans(images[normal.bool()])
+            self._fit_kmeans(dataset, np.flatnonzero(normal.numpy()))
         self.detectors = None
         if (normal == 0).any() and (normal == 1).any():
-            self._fit_stage2(images, normal)
+            self._fit_stage2(dataset, normal)
 
     @torch.no_grad()
-    def _fit_kmeans(self, images: torch.Tensor) -> None:
-        z = self._features(images)
-        for s, zs in enumerate(z):
-            self.net.memory(s).fit(zs.permute(0, 2, 3, 1).reshape(-1, zs.shape[1]), seed=self.seed)
+    def _recompute_bn_statistics(self, images: torch.Tensor) -> None:
+        """BatchNorm's running statistics, recomputed from ``images`` with the final weights (dry run only).
+        One or two steps at the paper's learning rate move the weights far from those the running averages
+        saw, and a ResNet-50's eval-mode forward then overflows to inf; a full training has no such gap."""
+        norms = [m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum, m._saved_momentum = None, m.momentum  # None: a plain mean over the batches seen (one)
+        self.net.train()
+        with _autocast(self.device):
+            self.net.features(images.to(self.device))
+        for m in norms:
+            m.momentum = m._saved_momentum
+            del m._saved_momentum
+        self.net.eval()
+        dryrun.note("AnoMem: BatchNorm statistics recomputed from one training batch after stage 1 "
+                    "(2 steps leave them stale)")
+
+    def _image_batches(self, dataset, indices):
+        """The images ``indices`` of ``dataset``, ``config.batch_size`` (B) at a time (B×3×H×W on the CPU)."""
+        for lo in range(0, len(indices), self.config.batch_size):
+            yield stack(dataset, "image", indices=indices[lo:lo + self.config.batch_size])
+
+    @torch.no_grad()
+    def _fit_kmeans(self, dataset, indices) -> None:
+        """Table 4 baseline: k-means on the features of the normal images ``indices``, one pass per iteration."""
+        c = self.config
+        for s in range(len(c.scales)):
+            def vectors(s=s):
+                for images in self._image_batches(dataset, indices):
+                    zs = self._features(images)[s]
+                    yield zs.permute(0, 2, 3, 1).reshape(-1, zs.shape[1])
+            self.net.memory(s).fit_stream(vectors, iters=dryrun.steps(c.kmeans_iters), seed=self.seed,
+                                          sample=c.kmeans_sample)
 
     @torch.no_grad()
     def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        out = [self.net.features(images[i:i + 256].to(self.device)) for i in range(0, len(images), 256)]
-        return [torch.cat(parts) for parts in zip(*out)]
+        """z(s) of ``images`` (float32), SCORE_BATCH images per pass; the encoder runs under the same bf16
+        autocast as in training where that is on (:func:`uadkit.train.use_amp`: CUDA, and any dry run)."""
+        with _autocast(self.device):
+            out = [self.net.features(images[i:i + SCORE_BATCH].to(self.device))
+                   for i in range(0, len(images), SCORE_BATCH)]
+        return [torch.cat(parts).float() for parts in zip(*out)]
 
     @torch.no_grad()
     def deltas(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -498,22 +635,39 @@ class AnoMemDetector(Detector):
             return deviation_maps(z, [self.net.memory(s) for s in range(len(z))])
 
     # stage 2 --------------------------------------------------------------------------------
-    def _fit_stage2(self, images: torch.Tensor, normal: torch.Tensor) -> None:
-        """Eq. (12): L_SUP = 1/(S·B) Σ_k Σ_s l_dist(g(s)∘φ(Δ(s)_k), y_k), encoder and memory frozen."""
+    def _fit_stage2(self, dataset, normal: torch.Tensor) -> None:
+        """Eq. (12): L_SUP = 1/(S·B) Σ_k Σ_s l_dist(g(s)∘φ(Δ(s)_k), y_k), encoder and memory frozen.
+
+        SGD on batches of ``batch_size`` (Sec. 4.2), Δ computed per batch. When the training set is one
+        batch, its Δ is computed once and reused every epoch (the encoder is frozen: the same numbers)."""
         c = self.config
         torch.manual_seed(self.seed)
-        delta = self.deltas(images)
-        self.detectors = nn.ModuleList([ScaleDetector(channels=d.shape[1], pool=min(c.pool, d.shape[-1]), hidden=c.hidden)
-                                        for d in delta]).to(self.device)
+        n, bs = len(dataset), min(c.batch_size, len(dataset))
+        shapes = [d.shape[1:] for d in self.deltas(stack(dataset, "image", indices=[0]))]  # C×H×W per scale
+        self.detectors = nn.ModuleList([ScaleDetector(channels=sh[0], pool=min(c.pool, sh[-1]), hidden=c.hidden)
+                                        for sh in shapes]).to(self.device)
         opt = torch.optim.SGD(self.detectors.parameters(), lr=c.stage2_lr, momentum=0.9, nesterov=True)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.stage2_epochs)
-        y = normal.to(self.device)
-        for _ in range(c.stage2_epochs):  # full batch: the training set's deviation maps are small
-            loss = torch.stack([double_hinge(g(d), y, margin=c.margin) for g, d in zip(self.detectors, delta)]).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        order_gen, held = train.make_generator(self.seed), None
+        steps, max_steps = 0, dryrun.steps(c.stage2_epochs * math.ceil(n / bs))
+        for _ in range(dryrun.epochs(c.stage2_epochs)):
+            order = torch.arange(n) if n <= bs else torch.randperm(n, generator=order_gen)
+            for lo in range(0, n, bs):
+                idx = order[lo:lo + bs]
+                delta = held if held is not None else self.deltas(stack(dataset, "image", indices=idx))
+                held = delta if n <= bs else None
+                y = normal[idx].to(self.device)
+                loss = torch.stack([double_hinge(g(d), y, margin=c.margin)
+                                    for g, d in zip(self.detectors, delta)]).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+                if steps >= max_steps:
+                    break
             sched.step()
+            if steps >= max_steps:
+                break
         self.detectors.eval()
 
     # scoring --------------------------------------------------------------------------------
@@ -528,11 +682,13 @@ class AnoMemDetector(Detector):
 
     @torch.no_grad()
     def score_all(self, dataset) -> dict[str, torch.Tensor]:
-        """Fused scores (Eq. 13) of every image of ``dataset`` per setting, plus per-scale ones."""
-        x = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
-        per = self.scale_scores(x)
-        out = {k: fuse(v, self.config.lambdas).cpu() for k, v in per.items()}
-        out.update({f"{k} scale {s + 1}": v[:, s].cpu() for k, v in per.items() for s in range(v.shape[1])})
+        """Fused scores (Eq. 13) of every image of ``dataset`` per setting, plus per-scale ones (on the CPU).
+        Images are scored ``config.batch_size`` at a time."""
+        parts = [{k: v.cpu() for k, v in self.scale_scores(x).items()}
+                 for x in self._image_batches(dataset, np.arange(len(dataset)))]
+        per = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        out = {k: fuse(v, self.config.lambdas) for k, v in per.items()}
+        out.update({f"{k} scale {s + 1}": v[:, s] for k, v in per.items() for s in range(v.shape[1])})
         return out
 
     @torch.no_grad()
@@ -546,3 +702,45 @@ class AnoMemDetector(Detector):
         maps = sum(l * F.interpolate(d.norm(dim=1, keepdim=True), size=images.shape[-2:], mode="bilinear",
                                      align_corners=False) for l, d in zip(lam, delta)) / sum(lam)
         return scores, maps
+
+
+def _autocast(device):
+    """The bf16 autocast of training (:func:`uadkit.train.use_amp`) for passes without gradients, where it
+    is on; nothing elsewhere (smoke's CPU, and devices autocast does not know, such as "meta")."""
+    on = train.use_amp(device) and torch.device(device).type in ("cuda", "cpu")
+    return train.autocast(device, True) if on else contextlib.nullcontext()
+
+
+def _labels(dataset) -> torch.Tensor:
+    """The labels of ``dataset`` (N, int64), without reading its images where it lists them (``.labels``)."""
+    labels = getattr(dataset, "labels", None)
+    if labels is not None:
+        return torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    return stack(dataset, "label")
+
+
+def _views(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stage-1 batch: images B×3×H×W and the paper's y (B, 1 = normal)."""
+    return torch.stack([it["image"] for it in items]), 1 - torch.tensor([int(it["label"]) for it in items])
+
+
+# --------------------------------------------------------------------------- cost
+
+def stage1_step_cost(config: AnoMemConfig, batch_size: int):
+    """FLOPs and saved activations (:class:`uadkit.cost.StepCost`) of one stage-1 optimiser step at
+    ``config``'s sizes: two augmented views of ``batch_size`` normal images, Eq. (7), backward. Counted
+    on the meta device: shapes only, nothing is computed, seconds on any machine."""
+    import torch.fx.experimental._config as fx_config
+
+    from .. import cost
+
+    with torch.device("meta"):
+        net = AnoMemNet(config=config)
+    det = AnoMemDetector(config, device="meta")
+    det._gen = train.make_generator(0)
+    s = config.image_size
+    x = torch.rand(batch_size, 3, s, s, device="meta")
+    normal = torch.ones(batch_size, dtype=torch.int64, device="meta")
+    # variance_loss keeps the normal samples (a nonzero, which meta tensors cannot count): all of them here
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+        return cost.measure(lambda: det._stage1_loss(net, (x, normal)).backward(), net)
