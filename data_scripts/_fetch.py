@@ -1,12 +1,15 @@
 """Download, verify and unpack a dataset archive, safely.
 
-* ``download``: streams to a temporary file beside the target, checks its sha256 (or the
-  md5 where that is all the publisher gives),
-  then renames it into place; a mismatch or a broken transfer leaves nothing behind.
-  One attempt with a timeout: offline it fails at once, it never loops on retries.
+* ``download``: streams to a temporary file beside the target, checks that it received as many
+  bytes as the server announced (``Content-Length``) and its sha256 (or the md5 where that is all
+  the publisher gives), then renames it into place; a mismatch or a broken transfer leaves
+  nothing behind. One attempt with a timeout: offline it fails at once, it never loops on retries.
 * ``unpack``: extracts into a temporary sibling folder, then renames it into place and
   writes a ``.uadkit-complete`` marker; a failure leaves no half-written tree, and a
-  completed tree is skipped on the next run. Archive members escaping the target are refused.
+  completed tree is skipped on the next run. Only regular files and folders inside the target
+  are accepted (no links, FIFOs or devices; no setuid bits or world-writable modes). A folder
+  these scripts did not unpack (no marker) is never deleted: ``--force`` replaces it.
+* Temporary files a killed run left behind (``*.part``, ``*.unpacking``) are removed by the next run.
 """
 from __future__ import annotations
 
@@ -56,11 +59,17 @@ def download(url: str, dest: Path, *, checksum: str | None, timeout: float = 30)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.is_file() and expected is not None and digest_of(dest, algorithm) == expected:
         return dest
+    _remove_leftovers(dest.parent, dest.name + ".*.part")
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
     tmp = Path(tmp)
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            announced = resp.headers.get("Content-Length")
             shutil.copyfileobj(resp, out, 1 << 20)
+            received = out.tell()
+        if announced is not None and received != int(announced):
+            raise FetchError(f"download of {url} cut short: received {received:,} of {int(announced):,} bytes; "
+                             "run the script again")
         got = digest_of(tmp, algorithm)
         if expected is None:
             print(f"warning: no checksum known for {url}; downloaded file has sha256 {got}")
@@ -72,6 +81,24 @@ def download(url: str, dest: Path, *, checksum: str | None, timeout: float = 30)
     finally:
         tmp.unlink(missing_ok=True)
     return dest
+
+
+def _remove_leftovers(folder: Path, pattern: str) -> None:
+    """Delete what an interrupted run of these scripts left in ``folder`` (their own temporary names only)."""
+    for stale in folder.glob(pattern):
+        print(f"removing {stale.name}, left behind by an interrupted run")
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def _regular_members_only(archive: Path, members) -> None:
+    """Refuse links, FIFOs, devices and any other special member: a dataset is files and folders."""
+    for m in members:
+        if not (m.isfile() or m.isdir()):
+            kind = "link" if (m.issym() or m.islnk()) else "special file (FIFO or device)"
+            raise FetchError(f"{archive} contains a {kind}, {m.name!r}; refusing to unpack it")
 
 
 def _safe_members(names, target: Path):
@@ -92,7 +119,9 @@ def unpack(archive: Path, target: Path, *, replace: bool = False) -> Path:
     if (target / MARKER).is_file() and not replace:
         print(f"{target} is complete; skipping (delete it or pass --force to redo)")
         return target
+    _refuse_foreign(target, replace)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(target.parent, target.name + ".*.unpacking")
     work = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".", suffix=".unpacking"))
     try:
         if zipfile.is_zipfile(archive):
@@ -103,9 +132,9 @@ def unpack(archive: Path, target: Path, *, replace: bool = False) -> Path:
             try:
                 with tarfile.open(archive) as t:
                     _safe_members(t.getnames(), work)
-                    if any(m.issym() or m.islnk() for m in t.getmembers()):
-                        raise FetchError(f"{archive} contains links; refusing to unpack it")
-                    t.extractall(work)
+                    _regular_members_only(archive, t.getmembers())
+                    # the "data" filter also clears setuid/setgid bits and group/other write permission
+                    t.extractall(work, filter="data")
             except tarfile.TarError as e:
                 raise FetchError(f"{archive} is not a readable archive: {e}") from e
         (work / MARKER).write_text(str(archive.name))
@@ -118,12 +147,22 @@ def unpack(archive: Path, target: Path, *, replace: bool = False) -> Path:
     return target
 
 
+def _refuse_foreign(target: Path, replace: bool) -> None:
+    """A non-empty ``target`` without the marker holds someone's files: never delete them unasked."""
+    if target.is_dir() and not (target / MARKER).is_file() and any(target.iterdir()) and not replace:
+        raise FetchError(f"{target} exists and was not unpacked by this script (no {MARKER} in it); "
+                         "move your files elsewhere, or pass --force to replace the folder")
+    if target.exists() and not target.is_dir():
+        raise FetchError(f"{target} exists and is not a folder; move it elsewhere first")
+
+
 def fetch(url: str, checksum: str | None, target: Path, *, force: bool = False, timeout: float = 30) -> Path:
     """Download to ``<target>.download/`` and unpack into ``target``."""
     target = Path(target)
     if (target / MARKER).is_file() and not force:
         print(f"{target} is complete; nothing to do")
         return target
+    _refuse_foreign(target, force)  # before the download: say so at once, not after gigabytes
     archive = download(url, target.parent / "downloads" / url.rsplit("/", 1)[-1], checksum=checksum, timeout=timeout)
     return unpack(archive, target, replace=force)
 

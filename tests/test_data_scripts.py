@@ -127,3 +127,94 @@ def test_scripts_parse_their_arguments(tmp_path, monkeypatch):
         algorithm, value = _fetch._parse(checksum)
         assert url.startswith("https://") and len(value) == {"sha256": 64, "md5": 32}[algorithm]
     assert _fetch.parser("x").parse_args([]).root == tmp_path
+
+
+# --------------------------------------------------------------------------- bad archives, foreign folders, cut downloads
+
+def _tar_with(path: Path, member: tarfile.TarInfo, data: bytes = b"") -> Path:
+    with tarfile.open(path, "w:gz") as t:
+        good = tarfile.TarInfo("train/good/000.png")
+        good.size = 3
+        t.addfile(good, io.BytesIO(b"png"))
+        member.size = len(data) if member.isfile() else 0
+        t.addfile(member, io.BytesIO(data) if member.isfile() else None)
+    return path
+
+
+@pytest.mark.parametrize("kind", [tarfile.FIFOTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.SYMTYPE])
+def test_special_members_are_refused(tmp_path, kind):
+    """A FIFO named like an image would make ds[i] block forever; devices and links have no place in a dataset."""
+    member = tarfile.TarInfo("train/good/003.png")
+    member.type = kind
+    if kind == tarfile.SYMTYPE:
+        member.linkname = "000.png"
+    archive = _tar_with(tmp_path / "evil.tar.gz", member)
+    with pytest.raises(_fetch.FetchError, match="003.png"):
+        _fetch.unpack(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.*"))
+
+
+def test_setuid_and_world_writable_modes_are_dropped(tmp_path):
+    member = tarfile.TarInfo("train/good/001.png")
+    member.mode = 0o6777
+    out = _fetch.unpack(_tar_with(tmp_path / "modes.tar.gz", member, b"data"), tmp_path / "out")
+    mode = (out / "train/good/001.png").stat().st_mode
+    assert not mode & 0o6000 and not mode & 0o002  # no setuid/setgid, not world-writable
+
+
+def test_a_folder_the_scripts_did_not_unpack_is_never_deleted(server, tmp_path):
+    served, url = server
+    archive = _tar_gz(served / "set.tar.gz", {"a.txt": b"dataset"})
+    target = tmp_path / "mvtec"
+    target.mkdir()
+    (target / "my_notes.txt").write_text("mine")
+    with pytest.raises(_fetch.FetchError, match="--force"):
+        _fetch.fetch(f"{url}/set.tar.gz", _sha(archive), target)
+    with pytest.raises(_fetch.FetchError, match="--force"):
+        _fetch.unpack(archive, target)
+    assert (target / "my_notes.txt").read_text() == "mine"
+    _fetch.fetch(f"{url}/set.tar.gz", _sha(archive), target, force=True)  # asked for: replaced
+    assert (target / "a.txt").read_bytes() == b"dataset" and not (target / "my_notes.txt").exists()
+
+
+@pytest.fixture
+def short_server():
+    """Announces 2,000 bytes and sends 1,011, then closes: a transfer cut off midway."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "2000")
+            self.end_headers()
+            self.wfile.write(b"r" * 1011)
+            self.wfile.flush()
+            self.close_connection = True
+
+        def log_message(self, *a):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_download_cut_short_is_refused_even_without_a_checksum(short_server, tmp_path):
+    dest = tmp_path / "split.csv"
+    with pytest.raises(_fetch.FetchError, match="1,011 of 2,000"):
+        _fetch.download(f"{short_server}/split.csv", dest, checksum=None, timeout=5)
+    assert not dest.exists() and not list(tmp_path.glob("*.part"))
+
+
+def test_leftovers_of_a_killed_run_are_removed(server, tmp_path):
+    served, url = server
+    archive = _tar_gz(served / "set.tar.gz", {"a.txt": b"a"})
+    (tmp_path / "downloads").mkdir()
+    stale_part = tmp_path / "downloads" / "set.tar.gz.abc123.part"
+    stale_part.write_bytes(b"half")
+    stale_dir = tmp_path / "t.xyz789.unpacking"
+    stale_dir.mkdir()
+    (stale_dir / "half.png").write_bytes(b"x")
+    _fetch.fetch(f"{url}/set.tar.gz", _sha(archive), tmp_path / "t")
+    assert not stale_part.exists() and not stale_dir.exists()
+    assert (tmp_path / "t" / "a.txt").read_bytes() == b"a"
