@@ -15,6 +15,7 @@ were built in memory (``uadkit-mini``, digits).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -76,12 +77,44 @@ def _resize(img: Image.Image, size: int | None, resample) -> Image.Image:
     return img.resize((size, size), resample)
 
 
+def _wide_grey(im: Image.Image, path) -> np.ndarray | None:
+    """A 16-bit, 32-bit integer or float grey image as float32 H×W in [0, 1]; None for 8-bit modes.
+
+    16-bit ("I;16…") images, and 32-bit integer ("I") ones whose values fit 0..65535 (how PIL opens
+    16-bit PNGs), are divided by 65535; "I" images with other values (CT in Hounsfield units, say) are
+    an error, since no fixed scale is right for them. Float ("F") images are taken as given and clipped
+    to [0, 1], with a warning when anything was outside (NaN counts as 0)."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im).astype(np.float64)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ValueError(f"32-bit integer pixels from {arr.min():.0f} to {arr.max():.0f} have no fixed scale to [0, 1]; "
+                             "convert the image to 8 or 16 bits (e.g. after a CT window) first")
+        return (arr / 65535).astype(np.float32)
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float32)
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            warnings.warn(f"{path}: float pixels outside [0, 1] (from {np.nanmin(arr):.3g} to {np.nanmax(arr):.3g}) "
+                          "are clipped to it", stacklevel=3)
+            arr = np.clip(np.nan_to_num(arr, nan=0.0), 0, 1)
+        return arr
+    return None
+
+
 def load_image(path: str | os.PathLike, size: int | None = None) -> torch.Tensor:
-    """Read an image file as float32 3×H×W in [0, 1]; grey is repeated to 3 channels."""
+    """Read an image file as float32 3×H×W in [0, 1]; grey is repeated to 3 channels.
+
+    8-bit images (grey, palette, RGB; an alpha channel is dropped) are divided by 255; 16-bit grey
+    images by 65535; float images are taken as given (clipped to [0, 1], with a warning); 32-bit
+    integer images outside 0..65535 are refused (see :func:`_wide_grey`)."""
     try:
         with Image.open(path) as im:
-            im = _resize(im.convert("RGB"), size, Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
+            grey = _wide_grey(im, path)
+            if grey is None:
+                im = _resize(im.convert("RGB"), size, Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.float32) / 255.0
+            else:  # resized in float, so that no precision is lost to 8 bits
+                grey = np.asarray(_resize(Image.fromarray(grey, mode="F"), size, Image.BILINEAR), dtype=np.float32)
+                arr = np.repeat(np.clip(grey, 0, 1)[..., None], 3, axis=-1)
     except (OSError, ValueError, SyntaxError) as e:
         raise OSError(f"cannot read image file {path}: {e}") from e
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
