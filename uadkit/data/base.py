@@ -120,15 +120,32 @@ def load_image(path: str | os.PathLike, size: int | None = None) -> torch.Tensor
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+LOSSY_SUFFIXES = {".jpg", ".jpeg"}
+
+
 def load_mask(path: str | os.PathLike, size: int | None = None) -> torch.Tensor:
-    """Read a ground-truth mask file as float32 1×H×W in {0, 1} (any non-zero pixel is anomalous)."""
+    """Read a ground-truth mask file as float32 1×H×W in {0, 1}.
+
+    A pixel is anomalous where the mask is non-zero (grey value; in a JPEG, whose compression leaves
+    faint noise, where it is at least half-bright). In a mask with transparency (RGBA, LA, a palette
+    with a transparent colour) that is not opaque everywhere, the opaque pixels are the anomaly."""
     try:
         with Image.open(path) as im:
-            im = _resize(im.convert("L"), size, Image.NEAREST)
-            arr = (np.asarray(im) > 0).astype(np.float32)
+            grey = im.convert("L")
+            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+                alpha = im.convert("RGBA").getchannel("A")
+                if alpha.getextrema()[0] < 255:  # transparency is used: it marks where the defect is not
+                    grey = alpha
+            threshold = 127 if Path(path).suffix.lower() in LOSSY_SUFFIXES else 0
+            arr = (np.asarray(_resize(grey, size, Image.NEAREST)) > threshold).astype(np.float32)
     except (OSError, ValueError, SyntaxError) as e:
         raise OSError(f"cannot read mask file {path}: {e}") from e
     return torch.from_numpy(arr)[None]
+
+
+def _pixel_size(path: str) -> tuple[int, int]:
+    with Image.open(path) as im:
+        return im.size  # (width, height), read from the header only
 
 
 @dataclass(frozen=True)
@@ -184,9 +201,11 @@ class FileDataset(Dataset):
         r = self.records[i]
         image = load_image(r.image, self.image_size)
         if r.mask is not None:
-            mask = load_mask(r.mask, image.shape[-1] if self.image_size is None else self.image_size)
-            if mask.shape[-2:] != image.shape[-2:]:
-                raise ValueError(f"mask {r.mask} is {tuple(mask.shape[-2:])}, image {r.image} is {tuple(image.shape[-2:])}")
+            (iw, ih), (mw, mh) = _pixel_size(r.image), _pixel_size(r.mask)
+            if (iw, ih) != (mw, mh):  # resizing it would only hide that it belongs to another image
+                raise ValueError(f"{self.name}: mask {r.mask} is {mw}×{mh} pixels but its image {r.image} is "
+                                 f"{iw}×{ih}; a mask must have its image's size")
+            mask = load_mask(r.mask, self.image_size)
         else:
             mask = torch.zeros(1, *image.shape[-2:])
         return {"image": image, "label": int(r.label), "mask": mask, "category": r.category, "path": r.image}

@@ -9,6 +9,17 @@ VisA, ``$UADKIT_DATA/visa/`` with the official split file ``split_csv/1cls.csv``
 
 ``folder/<path>``: any tree shaped like MVTec AD (BMAD, Uni-Medical, converted
 sets); ``ground_truth/`` is optional, and without it the set has no masks.
+
+What is read from such a tree:
+
+* hidden entries are skipped: every file or folder whose name starts with ``.`` (``.ipynb_checkpoints/``,
+  macOS's ``._000.png`` and ``.DS_Store``), and ``__MACOSX/``; images are the files ending in
+  ``.png .jpg .jpeg .bmp .tif .tiff`` (any case);
+* ``train/`` must hold ``good/`` only (anomaly detection trains on normal images): another folder there
+  is an error naming it;
+* under ``test/``, ``good/`` is normal and every other folder a defect type;
+* the mask of ``test/<defect>/<stem>.<ext>`` is ``ground_truth/<defect>/<stem>_mask.<e>`` or
+  ``ground_truth/<defect>/<stem>.<e>``, ``<e>`` any of the image suffixes (PNG first).
 """
 from __future__ import annotations
 
@@ -24,16 +35,29 @@ MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", 
 VISA_CATEGORIES = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2",
                    "pcb3", "pcb4", "pipe_fryum")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")  # lossless first
+
+
+def _hidden(p: Path) -> bool:
+    return p.name.startswith(".") or p.name == "__MACOSX"
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not _hidden(p) and p.is_file())
+
+
+def _folders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _hidden(p))
 
 
 def _mask_for(gt_dir: Path, image: Path) -> str | None:
-    for name in (f"{image.stem}_mask.png", f"{image.stem}.png"):
-        if (gt_dir / name).is_file():
-            return str(gt_dir / name)
+    for stem in (f"{image.stem}_mask", image.stem):
+        for suffix in MASK_SUFFIXES:
+            for candidate in (gt_dir / (stem + suffix), gt_dir / (stem + suffix.upper())):
+                if candidate.is_file():
+                    return str(candidate)
     return None
 
 
@@ -45,7 +69,12 @@ def _mvtec_records(root: Path, split: str, category: str, *, name: str) -> tuple
                                  f"{split}/<defect>/)")
     has_gt = (root / "ground_truth").is_dir()
     records = []
-    for sub in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+    subs = _folders(split_dir)
+    if split == "train" and any(sub.name != "good" for sub in subs):
+        others = ", ".join(sub.name + "/" for sub in subs if sub.name != "good")
+        raise DatasetUnavailable(f"{name}: {split_dir} may hold only good/ (training uses normal images); found "
+                                 f"{others}. Move anomalous images under test/<defect>/")
+    for sub in subs:
         label = 0 if sub.name == "good" else 1
         for img in _images(sub):
             mask = _mask_for(root / "ground_truth" / sub.name, img) if label else None
@@ -90,6 +119,8 @@ def visa(category: str, split: str, *, root=None, image_size: int | None = 256,
 
 def folder(path: str, split: str, *, root=None, image_size: int | None = 256) -> FileDataset:
     """Any MVTec-style tree at ``path`` (relative paths: under ``$UADKIT_DATA`` if there, else here)."""
+    if not str(path).strip():
+        raise UnknownDataset("folder/<path> needs the path of an MVTec-style tree, e.g. 'folder/~/data/my_set'")
     p = Path(path).expanduser()
     if not p.is_absolute() and (data_root(root) / p).is_dir():
         p = data_root(root) / p
