@@ -15,6 +15,31 @@ import sys
 import torch
 
 
+def _reachable_or_exit(host: str, timeout: float = 5) -> None:
+    """Fail within ``timeout`` seconds when the hub cannot be reached: its client would retry for about
+    a minute, and an offline name lookup alone can take half of that (so it runs in a thread we stop waiting for)."""
+    import socket
+    import threading
+
+    outcome = {}
+
+    def probe():
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            outcome["ok"] = True
+        except OSError as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome.get("ok"):
+        why = outcome.get("error", f"no answer within {timeout:g} s")
+        sys.exit(f"cannot reach {host} ({why}); weights are downloaded from the Hugging Face hub. Offline, "
+                 f"copy the files by hand into {os.environ.get('UADKIT_WEIGHTS', '~/.cache/uadkit/weights')} "
+                 "(`--list` shows which are missing)")
+
+
 def main(argv=None):
     from uadkit import backbones
 
@@ -29,6 +54,7 @@ def main(argv=None):
                 "cached" if backbones.weights_path(name).is_file() else "missing")
             print(f"{name:22s} {entry.timm_name:42s} {where}")
         return
+    _reachable_or_exit("huggingface.co")
     import timm
 
     for name in args.names or cached:

