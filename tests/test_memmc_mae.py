@@ -285,8 +285,10 @@ def test_fit_in_a_dry_run_uses_amp_and_reads_only_its_batches(monkeypatch):
     train = Counting(get_dataset("mini/phantom", "train", n_train=64, image_size=32))
     det = M.MemMCDetector(_config(batch_size=16, epochs=3), device="cpu", progress=False).fit(train)
     assert len(det.history) == 1 and np.isfinite(det.history[0])  # 1 epoch, trained under autocast
-    # dataset[0] in Detector.fit and in _fit, then MAX_STEPS batches and the one fit() reads before it stops
-    assert len(reads) <= 2 + (dryrun.MAX_STEPS + 1) * M.DRY_RUN_BATCH < 64
+    # Detector.fit's input check and dataset[0] there and in _fit, then MAX_STEPS batches and the one fit()
+    # reads before it stops
+    checked = M.MemMCDetector.CHECKED_ITEMS
+    assert len(reads) <= checked + 2 + (dryrun.MAX_STEPS + 1) * M.DRY_RUN_BATCH < 64
 
 
 def test_fit_memory_does_not_grow_with_the_training_set(tmp_path):

@@ -540,6 +540,7 @@ class AnoMemDetector(Detector):
 
     name = "anomem"
     batch_size_trains = True  # uadkit.models.create(batch_size=) sets config.batch_size (the stage-1 batch B) too
+    trains_on_anomalies = True  # the semi-supervised setting (γ > 0) trains on labelled anomalies
 
     def __init__(self, config: AnoMemConfig | None = None, *, pretrained: bool = True, **kw):
         super().__init__(**kw)

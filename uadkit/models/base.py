@@ -19,13 +19,45 @@ from tqdm import tqdm  # text bars: readable in terminals, notebooks, Colab and 
 from .. import dryrun, metrics, train
 from ..data.base import loader
 
-__all__ = ["Detector"]
+__all__ = ["Detector", "check_images"]
+
+
+def check_images(images: torch.Tensor, *, what: str, first_index: int = 0, paths=None) -> None:
+    """Images must be float B×3×H×W, finite and in [0, 1] (what every loader of :mod:`uadkit.data` gives);
+    otherwise a ValueError names the first bad item (its index from ``first_index``, and its file) and the fix."""
+    def where(i):
+        path = f" ({paths[i]})" if paths is not None and i < len(paths) and paths[i] else ""
+        return f"{what} item {first_index + i}{path}"
+
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"{what}: images must be B×3×H×W, got {tuple(images.shape)}; grey images are repeated to "
+                         "3 channels by the loaders of uadkit.data")
+    if not images.is_floating_point():
+        raise ValueError(f"{what}: images are {images.dtype}; convert them to float in [0, 1] (uint8: divide by 255)")
+    if images.device.type == "meta":  # shapes only (uadkit.cost): nothing to check
+        return
+    flat = images.detach().flatten(1)
+    bad = ~torch.isfinite(flat).all(1)
+    if bad.any():
+        raise ValueError(f"{where(int(bad.nonzero()[0]))} has NaN or infinite pixels; fix or drop that image")
+    low, high = flat.min(1).values, flat.max(1).values
+    bad = (low < -1e-3) | (high > 1 + 1e-3)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        hint = " (0..255 values: divide by 255)" if high[i] > 2 else ""
+        raise ValueError(f"{where(i)} has pixels from {low[i]:.3g} to {high[i]:.3g}; images must be in [0, 1]{hint}")
 
 
 class Detector:
-    """Base class: ``fit(train_dataset)`` then ``predict(test_dataset)``."""
+    """Base class: ``fit(train_dataset)`` then ``predict(test_dataset)``.
+
+    The data are checked here, once for every method: ``fit`` looks at the labels of the whole training
+    set (where it lists them) and at the images of up to :attr:`CHECKED_ITEMS` items spread over it;
+    ``predict`` checks every batch (:func:`check_images`)."""
 
     name = "detector"
+    trains_on_anomalies = False  # True for methods whose training set may hold labelled anomalies (AnoMem)
+    CHECKED_ITEMS = 8
 
     def __init__(self, *, device: str = "cpu", batch_size: int = 32, seed: int = 0, progress: bool = True):
         self.device, self.batch_size, self.seed, self.progress = device, batch_size, seed, progress
@@ -44,10 +76,25 @@ class Detector:
         (a file path) after every epoch and resume from it when called again."""
         if len(dataset) == 0:
             raise ValueError(f"{self.name}: the training set is empty")
+        self._check_training_set(dataset)
         self.image_size = tuple(dataset[0]["image"].shape[-2:])
         with train.fingerprint(self.fingerprint(dataset)):
             self._fit(loader(dataset, batch_size=self.batch_size, shuffle=False, seed=self.seed), checkpoint)
         return self
+
+    def _check_training_set(self, dataset) -> None:
+        labels = getattr(dataset, "labels", None)
+        if labels is not None and not self.trains_on_anomalies:
+            anomalous = np.flatnonzero(np.asarray(labels) != 0)
+            if len(anomalous):
+                raise ValueError(f"{self.name} trains on normal images only, but {len(anomalous)} of the {len(dataset)} "
+                                 f"training items are labelled anomalous (the first is item {anomalous[0]}); "
+                                 "pass the 'train' split, or only its label-0 items")
+        n = len(dataset)
+        for i in sorted({round(j * (n - 1) / max(1, self.CHECKED_ITEMS - 1)) for j in range(min(n, self.CHECKED_ITEMS))}):
+            item = dataset[i]
+            check_images(torch.as_tensor(item["image"])[None], what=f"{self.name}.fit: training", first_index=i,
+                         paths=[item.get("path")])
 
     def fingerprint(self, dataset) -> dict:
         """The settings that shape a training run on ``dataset``; its checkpoints store them, and a
@@ -70,9 +117,11 @@ class Detector:
         if size != self.image_size:
             raise ValueError(f"{self.name}: test images are {size}, training images were {self.image_size}; "
                              "load both with the same image_size=")
-        scores, maps = [], []
+        scores, maps, start = [], [], 0
         batches = loader(dataset, batch_size=self.batch_size)
         for batch in tqdm(batches, desc=f"{self.name} predict", disable=not self.progress, leave=False):
+            check_images(batch["image"], what=f"{self.name}.predict: test", first_index=start, paths=batch.get("path"))
+            start += len(batch["image"])
             s, m = self._predict_batch(batch["image"].to(self.device))
             scores.append(s.float().cpu())
             maps.append(m.float().cpu())
