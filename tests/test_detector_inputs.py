@@ -57,3 +57,18 @@ def test_the_loaders_data_pass_and_anomem_may_train_on_anomalies():
     train = get_dataset("mini/brick", "train", n_train=8)
     assert _det().fit(train).predict(get_dataset("mini/brick", "test", n_test=4, n_anomalous=4))[0].shape == (8,)
     assert uadkit.models.create("anomem", progress=False).trains_on_anomalies
+
+
+@pytest.mark.parametrize("method", ["knn", "adtr", "mdd_net"])
+def test_layers_out_of_range_list_the_valid_stages(method):
+    with pytest.raises(ValueError, match=r"layers=\(7,\): efficientnet_lite0 has 5 stages, indices 0..4"):
+        uadkit.models.create(method, progress=False, layers=(7,)).fit(get_dataset("mini/brick", "train", n_train=4))
+
+
+def test_create_validates_its_arguments():
+    with pytest.raises(TypeError, match="seed must be an integer, got '0'"):
+        uadkit.models.create("knn", seed="0")
+    with pytest.raises(TypeError, match="batch_size must be a positive integer"):
+        uadkit.models.create("knn", batch_size=0)
+    with pytest.raises(TypeError, match="unknown setting.*foo.*settings of knn are: backbone, layers"):
+        uadkit.models.create("knn", foo=1)

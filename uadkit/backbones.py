@@ -192,6 +192,15 @@ class Backbone(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    def check_layers(self, layers) -> tuple[int, ...]:
+        """``layers`` as a tuple of stage indices of this network; a ValueError lists the valid ones."""
+        n = len(self.channels)
+        layers = tuple(layers)
+        if not layers or not all(isinstance(i, int) and -n <= i < n for i in layers):
+            raise ValueError(f"layers={layers!r}: {self.name} has {n} stages, indices 0..{n - 1} "
+                             f"(channels {self.channels})")
+        return layers
+
     def train(self, mode: bool = True):  # frozen: always eval (BatchNorm statistics never move)
         return super().train(False)
 

@@ -10,6 +10,9 @@ A method is listed here once its chapter has landed.
 """
 from __future__ import annotations
 
+import dataclasses
+import numbers
+
 from ..profiles import get as get_profile
 from .base import Detector
 
@@ -71,11 +74,22 @@ def create(name: str, profile: str = "smoke", *, device: str | None = None, batc
     """
     if name not in _FACTORIES:
         raise KeyError(f"unknown method {name!r}; available: {', '.join(available())}")
+    for key, value in (("seed", seed), ("batch_size", batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or
+                                  (key == "batch_size" and value < 1)):
+            raise TypeError(f"create({name!r}): {key} must be {'a positive' if key == 'batch_size' else 'an'} "
+                            f"integer, got {value!r} ({type(value).__name__})")
     p = get_profile(profile)
-    config, cls = _FACTORIES[name](p, overrides)
+    try:
+        config, cls = _FACTORIES[name](p, overrides)
+    except TypeError as e:
+        if "unexpected keyword" not in str(e):
+            raise
+        fields = [f.name for f in dataclasses.fields(_FACTORIES[name](p, {})[0])]
+        unknown = sorted(set(overrides) - set(fields))
+        raise TypeError(f"create({name!r}): unknown setting(s) {', '.join(unknown)}; the settings of {name} are: "
+                        f"{', '.join(fields)}") from None
     if batch_size is not None and getattr(cls, "batch_size_trains", False):
-        import dataclasses
-
         config = dataclasses.replace(config, batch_size=batch_size)
     return cls(config, pretrained=pretrained, device=device or p.device, batch_size=batch_size or p.batch_size,
                seed=p.seed if seed is None else seed, progress=progress)
