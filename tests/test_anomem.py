@@ -151,11 +151,13 @@ def test_stage1_is_repeatable_and_resumes(tmp_path):
     before = torch.get_num_threads()
     A.AnoMemDetector(_tiny(threads=1, epochs=1), progress=False).fit(train)
     assert torch.get_num_threads() == before  # the thread setting is restored
+    from uadkit import train as T
+
     ck = tmp_path / "anomem.pt"
     A.AnoMemDetector(_tiny(epochs=2), progress=False).fit(train, checkpoint=ck)
-    state = torch.load(ck, weights_only=True)
+    state = T.load_checkpoint(ck)
     state["epoch"], state["history"] = 1, [123.0]  # as if cut off after epoch 1; a sentinel only a resumed run keeps
-    torch.save(state, ck)
+    T.save_checkpoint(ck, **state)
     c = A.AnoMemDetector(_tiny(epochs=2), progress=False).fit(train, checkpoint=ck)
     assert len(c.history) == 2 and c.history[0] == 123.0 and c.history[1] != 123.0
     with pytest.raises(ValueError, match="other settings"):  # a checkpoint of another config is not resumed

@@ -268,10 +268,10 @@ def test_short_multiclass_fit_lowers_the_loss_and_resumes(tmp_path):
     again = uadkit.models.create("mdd_net", **kw).fit(train, checkpoint=tmp_path / "mdd.pt")
     assert all(torch.equal(v, first[k]) for k, v in again.model.state_dict().items())
     assert again.teacher is det.teacher  # one frozen teacher for every detector of the process
-    state = torch.load(tmp_path / "mdd.pt", weights_only=True)
+    state = uadkit.train.load_checkpoint(tmp_path / "mdd.pt")
     assert state["model"] and not any("teacher" in k for k in state["model"])  # shared, so not checkpointed
     state["history"][0] = 123.0  # a sentinel: a finished checkpoint is loaded, not retrained
-    torch.save(state, tmp_path / "mdd.pt")
+    uadkit.train.save_checkpoint(tmp_path / "mdd.pt", **state)
     assert uadkit.models.create("mdd_net", **kw).fit(train, checkpoint=tmp_path / "mdd.pt").history[0] == 123.0
     scores, maps = det.predict(get_dataset("mini/brick", "test", **small))
     assert scores.shape == (4,) and maps.shape == (4, 1, 32, 32)

@@ -1,4 +1,5 @@
 """The training loop: the loss falls, a resumed run equals an uninterrupted one, checkpoints load weights-only."""
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -42,7 +43,7 @@ def test_resume_gives_identical_weights(tmp_path):
     assert resumed == straight
     for k, v in model.state_dict().items():
         assert torch.equal(v, reference[k]), k
-    state = torch.load(ckpt, weights_only=True)
+    state = train.load_checkpoint(ckpt)
     assert "python" in state["rng"]  # random.random() in a loss or augmentation resumes too
     assert state["epoch"] == 3 and not ckpt.with_suffix(".pt.tmp").exists()
 
@@ -93,3 +94,15 @@ def test_split_batch_cuts_tensors_and_per_item_lists():
     assert parts[2][0]["image"].tolist() == [[8, 9]] and parts[1][0]["category"] == ["c", "d"]
     assert parts[0][0]["size"] == 64
     assert train.split_batch(batch, 8) == [(batch, 1.0)]
+
+
+def test_a_changed_byte_in_a_checkpoint_is_refused(tmp_path):
+    """torch.load itself reads a flipped byte inside a tensor without complaint; the stored checksum does not."""
+    model, opt, loader = _setup()
+    ckpt = tmp_path / "ck.pt"
+    train.fit(model, loss_fn, loader, epochs=1, optimizer=opt, checkpoint=ckpt, progress=False)
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match="ck.pt.*(checksum|Delete the file)"):
+        train.load_checkpoint(ckpt)

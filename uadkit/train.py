@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
+import io
 import json
 import os
 import random
@@ -130,20 +132,38 @@ def _generator_of(loader):
 
 
 def save_checkpoint(path: Path, **state) -> None:
-    """Write atomically: a crash mid-write never leaves a broken checkpoint behind."""
+    """Write atomically (a crash mid-write never leaves a broken checkpoint behind), with the sha256 of
+    its contents, so that a file changed on disk afterwards (a flipped byte) is refused on loading."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    payload = buf.getvalue()
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
+    torch.save({"uadkit_checkpoint": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
+                "sha256": hashlib.sha256(payload).hexdigest()}, tmp)
     os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """A checkpoint written by :func:`fit`; a file that cannot be read is an error naming it."""
+    """A checkpoint written by :func:`fit`; a file that cannot be read, or whose contents no longer match
+    their checksum, is an error naming it."""
+    def unreadable(why: str) -> RuntimeError:
+        return RuntimeError(f"cannot read checkpoint {path}: {why}. Delete the file to start this training afresh.")
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # EOFError, UnpicklingError, RuntimeError from a truncated zip, ...
-        raise RuntimeError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}. Delete the file to "
-                           "start this training afresh.") from e
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "uadkit_checkpoint" in state:  # a payload with its checksum
+            payload = state["uadkit_checkpoint"].numpy().tobytes()
+            if hashlib.sha256(payload).hexdigest() != state.get("sha256"):
+                raise unreadable("its contents do not match their checksum (the file was changed or damaged)")
+            state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        return state
+    except RuntimeError as e:
+        if str(e).startswith(f"cannot read checkpoint {path}"):
+            raise
+        raise unreadable(f"{type(e).__name__}: {e}") from e
+    except Exception as e:  # EOFError, UnpicklingError, KeyError, OSError from a truncated or foreign file
+        raise unreadable(f"{type(e).__name__}: {e}") from e
 
 
 # The settings that shape a training run ("fingerprint"), stored in its checkpoint. Detector.fit sets it
