@@ -106,3 +106,9 @@ def test_a_changed_byte_in_a_checkpoint_is_refused(tmp_path):
     ckpt.write_bytes(bytes(data))
     with pytest.raises(RuntimeError, match="ck.pt.*(checksum|Delete the file)"):
         train.load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("seed", ["0", 1.5, -1, True])
+def test_seed_must_be_an_integer(seed):
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        train.seed_everything(seed)

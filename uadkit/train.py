@@ -48,6 +48,8 @@ def autocast(device: str, enabled: bool):
 
 def seed_everything(seed: int = 0) -> None:
     """Seed Python, NumPy and torch, and ask torch for deterministic kernels."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
+        raise TypeError(f"seed must be an integer in 0..2**32 - 1, got {seed!r} ({type(seed).__name__})")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
