@@ -17,8 +17,10 @@ import argparse
 import hashlib
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -28,6 +30,17 @@ MARKER = ".uadkit-complete"
 
 class FetchError(RuntimeError):
     pass
+
+
+def _excepthook(kind, value, tb, _default=sys.excepthook):
+    """A script stopped by a FetchError prints its message, not a traceback (it says what to do)."""
+    if issubclass(kind, FetchError):
+        print(f"error: {value}", file=sys.stderr)
+        return
+    _default(kind, value, tb)
+
+
+sys.excepthook = _excepthook
 
 
 def default_root() -> Path:
@@ -52,6 +65,28 @@ def _parse(checksum: str | None) -> tuple[str, str | None]:
     return algorithm, value.lower()
 
 
+def unreachable(host: str, port: int = 443, *, timeout: float = 10) -> str | None:
+    """Why ``host:port`` cannot be reached within ``timeout`` seconds, or None when it can. The attempt runs
+    in a thread that is abandoned at the deadline: offline, a name lookup alone can take half a minute,
+    and no socket timeout covers it."""
+    import socket
+    import threading
+
+    outcome = {}
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome["ok"] = True
+        except OSError as e:
+            outcome["error"] = str(e)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return None if outcome.get("ok") else outcome.get("error", f"no answer within {timeout:g} s")
+
+
 def download(url: str, dest: Path, *, checksum: str | None, timeout: float = 30) -> Path:
     """Fetch ``url`` to ``dest`` and verify ``checksum`` (skipped if ``dest`` already verifies)."""
     dest = Path(dest)
@@ -59,6 +94,10 @@ def download(url: str, dest: Path, *, checksum: str | None, timeout: float = 30)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.is_file() and expected is not None and digest_of(dest, algorithm) == expected:
         return dest
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname and (why := unreachable(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
+                                              timeout=min(timeout, 10))):
+        raise FetchError(f"could not download {url}: {parts.hostname} cannot be reached ({why})")
     _remove_leftovers(dest.parent, dest.name + ".*.part")
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
     tmp = Path(tmp)

@@ -16,25 +16,12 @@ import torch
 
 
 def _reachable_or_exit(host: str, timeout: float = 5) -> None:
-    """Fail within ``timeout`` seconds when the hub cannot be reached: its client would retry for about
-    a minute, and an offline name lookup alone can take half of that (so it runs in a thread we stop waiting for)."""
-    import socket
-    import threading
+    """Fail within ``timeout`` seconds when the hub cannot be reached (its client would retry for about a minute)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _fetch import unreachable
 
-    outcome = {}
-
-    def probe():
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-            outcome["ok"] = True
-        except OSError as e:
-            outcome["error"] = e
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if not outcome.get("ok"):
-        why = outcome.get("error", f"no answer within {timeout:g} s")
+    why = unreachable(host, timeout=timeout)
+    if why:
         sys.exit(f"cannot reach {host} ({why}); weights are downloaded from the Hugging Face hub. Offline, "
                  f"copy the files by hand into {os.environ.get('UADKIT_WEIGHTS', '~/.cache/uadkit/weights')} "
                  "(`--list` shows which are missing)")

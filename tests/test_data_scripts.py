@@ -218,3 +218,11 @@ def test_leftovers_of_a_killed_run_are_removed(server, tmp_path):
     _fetch.fetch(f"{url}/set.tar.gz", _sha(archive), tmp_path / "t")
     assert not stale_part.exists() and not stale_dir.exists()
     assert (tmp_path / "t" / "a.txt").read_bytes() == b"a"
+
+
+def test_an_unresolvable_host_fails_within_the_timeout(tmp_path):
+    """Offline, a name lookup alone can take half a minute; the scripts give up at their deadline."""
+    t = time.perf_counter()
+    with pytest.raises(_fetch.FetchError, match="cannot be reached"):
+        _fetch.download("https://uadkit-unreachable.invalid/set.tar.gz", tmp_path / "x.tar.gz", checksum=None, timeout=2)
+    assert time.perf_counter() - t < 4
