@@ -65,3 +65,15 @@ def test_checked_cells_tolerate_last_digit_drift_only():
     snapped = snap_to_reference(test, refs)
     assert snapped[0]["text"] == ref and snapped[1]["text"] == "AUROC 0.5\n"  # only the close one is snapped
     assert test[0]["text"] != ref  # the test outputs themselves are not modified
+
+
+def test_a_wrong_chapter_parameter_stops_at_once_listing_the_valid_values(tmp_path):
+    """MDD-Net's benchmark is checked before any data is read (it raised KeyError: 'foo' deep in the chapter)."""
+    import time
+
+    t = time.perf_counter()
+    with pytest.raises(papermill.PapermillExecutionError, match="benchmark must be one of mvtec, visa, uni-medical"):
+        papermill.execute_notebook(str(ROOT / "book" / "mdd_net.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={"benchmark": "foo"}, cwd=str(ROOT / "book"), kernel_name="python3",
+                                   progress_bar=False)
+    assert time.perf_counter() - t < 120
