@@ -287,3 +287,12 @@ def test_options(tmp_path):
     kv = fake.build("hyper-kvasir", tmp_path, n_normal=30)
     assert len(get_dataset("hyper-kvasir/all", "train", root=tmp_path, n_train=25)) == 25
     assert len(list(kv.rglob("cecum/*.jpg")) + list(kv.rglob("ileum/*.jpg")) + list(kv.rglob("bbps-2-3/*.jpg"))) == 30
+
+
+def test_bmad_valid_split_and_unknown_sets(root):
+    valid = get_dataset("bmad/brats2021", "valid", root=root, image_size=32)
+    assert len(valid) == 4 and int(valid.labels.sum()) == 2  # the split get_dataset refused before
+    with pytest.raises(UnknownDataset, match="brats2021"):
+        get_dataset("bmad/brain", "test", root=root)
+    with pytest.raises(ValueError, match="split must be one of"):
+        get_dataset("mvtec/bottle", "valid", root=root)

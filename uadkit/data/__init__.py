@@ -96,8 +96,8 @@ def get_dataset(name: str, split: str, *, root=None, image_size: int | None = No
     (default: 64 for ``mini``/``digits``, 256 for MVTec/VisA/folder, 32 for CIFAR).
     Extra keywords go to the loader (e.g. ``n_train`` for ``mini``).
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split not in SPLITS and not (str(name).startswith("bmad/") and split == "valid"):
+        raise ValueError(f"split must be one of {SPLITS} (BMAD also has 'valid'), got {split!r}")
     if not isinstance(name, str) or "/" not in name:
         raise UnknownDataset(f"dataset name must look like '<kind>/<category>', got {name!r}; kinds: {', '.join(_KINDS)}")
     kind, cat = name.split("/", 1)

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import DatasetUnavailable, FileDataset, Record, data_root, load_image, missing_root_error
-from .folders import IMAGE_SUFFIXES
+from .base import DatasetUnavailable, FileDataset, Record, UnknownDataset, data_root, load_image, missing_root_error
+from .folders import _images  # the folder rules: hidden entries skipped, image suffixes only
 
 __all__ = ["covidx", "hyper_kvasir", "bmad", "KVASIR_NORMAL", "BMAD_SETS", "ThresholdMaskDataset"]
 
@@ -71,10 +71,6 @@ class ThresholdMaskDataset(FileDataset):
         except (OSError, ValueError) as e:
             raise OSError(f"cannot read mask file {r.mask}: {e}") from e
         return {"image": image, "label": int(r.label), "mask": mask, "category": r.category, "path": r.image}
-
-
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
 
 
 def covidx(split: str, *, root=None, image_size: int | None = 224) -> FileDataset:
@@ -145,7 +141,7 @@ def hyper_kvasir(split: str, *, root=None, image_size: int | None = 224, n_train
 def bmad(name: str, split: str, *, root=None, image_size: int | None = 224) -> FileDataset:
     """A BMAD set (``brats2021``, ``liverct``, ``resc``, ``rsna``); ``split`` "train", "valid" or "test"."""
     if name not in BMAD_SETS:
-        raise DatasetUnavailable(f"bmad: unknown set {name!r}; one of {', '.join(BMAD_SETS)}")
+        raise UnknownDataset(f"bmad: unknown set {name!r}; one of {', '.join(BMAD_SETS)}")
     base = data_root(root) / "bmad" / BMAD_SETS[name]
     if not base.is_dir():
         raise DatasetUnavailable(
