@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["WeightsUnavailable", "Backbone", "create", "available", "weights_path", "resize_aligned", "REGISTRY",
-           "shared", "release"]
+           "shared", "release", "check_layers"]
 
 
 class WeightsUnavailable(RuntimeError):
@@ -193,13 +193,8 @@ class Backbone(nn.Module):
         self.eval()
 
     def check_layers(self, layers) -> tuple[int, ...]:
-        """``layers`` as a tuple of stage indices of this network; a ValueError lists the valid ones."""
-        n = len(self.channels)
-        layers = tuple(layers)
-        if not layers or not all(isinstance(i, int) and -n <= i < n for i in layers):
-            raise ValueError(f"layers={layers!r}: {self.name} has {n} stages, indices 0..{n - 1} "
-                             f"(channels {self.channels})")
-        return layers
+        """``layers`` as a tuple of stage indices of this network (see :func:`check_layers`)."""
+        return check_layers(self, layers)
 
     def train(self, mode: bool = True):  # frozen: always eval (BatchNorm statistics never move)
         return super().train(False)
@@ -241,6 +236,17 @@ def classifier(name: str) -> nn.Module:
     if REGISTRY[name].kind != "cnn":
         raise ValueError(f"{name} is not a CNN classifier")
     return _classifier_model(name, pretrained=True).eval()
+
+
+def check_layers(net, layers) -> tuple[int, ...]:
+    """``layers`` as a tuple of stage indices of ``net`` (anything with ``.channels``, one per stage); a
+    ValueError lists the valid ones."""
+    n = len(net.channels)
+    layers = tuple(layers)
+    if not layers or not all(isinstance(i, int) and -n <= i < n for i in layers):
+        raise ValueError(f"layers={layers!r}: {getattr(net, 'name', type(net).__name__)} has {n} stages, indices "
+                         f"0..{n - 1} (channels {list(net.channels)})")
+    return layers
 
 
 def resize_aligned(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

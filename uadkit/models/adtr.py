@@ -90,7 +90,7 @@ class MultiScaleFeatures(nn.Module):
 
     def __init__(self, *, backbone: nn.Module, layers: tuple[int, ...], stride: int):
         super().__init__()
-        self.backbone, self.layers, self.stride = backbone, backbone.check_layers(layers), stride
+        self.backbone, self.layers, self.stride = backbone, backbones.check_layers(backbone, layers), stride
         self.channels = sum(backbone.channels[i] for i in self.layers)
 
     @torch.no_grad()

@@ -52,7 +52,7 @@ class KNNModel(nn.Module):
 
     def __init__(self, *, backbone: nn.Module, layers: tuple[int, ...], pool: int):
         super().__init__()
-        self.backbone, self.layers, self.pool = backbone, backbone.check_layers(layers), pool
+        self.backbone, self.layers, self.pool = backbone, backbones.check_layers(backbone, layers), pool
         self.register_buffer("bank", torch.empty(0))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -287,7 +287,7 @@ class MDDNet(nn.Module):
         super().__init__()
         self._teacher = [teacher]  # frozen and shared between models: kept out of the module tree and state dict
         self.config = config
-        self.channels = [teacher.channels[i] for i in teacher.check_layers(config.layers)]
+        self.channels = [teacher.channels[i] for i in backbones.check_layers(teacher, config.layers)]
         strides = [teacher.strides[i] for i in config.layers]
         self.memory = nn.ModuleList(
             ClassAwareMemory(channels=c, items=config.memory_items, classes=classes, temperature=config.temperature)
