@@ -1,5 +1,7 @@
 """The dry run's switches (uadkit.dryrun), AMP on the CPU, checkpoint fingerprints and resumable runs."""
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +141,16 @@ def test_dry_profile_keeps_two_categories_with_a_grey_texture(monkeypatch):
     assert len(p.one_vs_all) == 2 and profiles.get("paper").categories[2] == "mvtec/capsule"
     with pytest.raises(TypeError):
         profiles.get("paper", dry_run="True")
+
+
+def test_the_dry_run_results_folder_is_removed_when_the_process_ends(tmp_path):
+    """Each dry run writes checkpoints of paper-size models (gigabytes) to a fresh folder: it must not stay."""
+    import subprocess
+    import sys
+
+    code = ("import os, pathlib; from uadkit import dryrun; dryrun.enable(); r = pathlib.Path(os.environ['UADKIT_RESULTS']); "
+            "(r / 'ckpt.pt').write_bytes(b'x' * 1000); print(r)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "UADKIT_DRY_RUN_DATA": str(tmp_path / "fake")})
+    folder = Path(out.stdout.strip().splitlines()[-1])
+    assert folder.name.startswith("uadkit-dry-run-results-") and not folder.exists()

@@ -23,7 +23,9 @@ Nothing it produces is a result: every number of a dry run is noise.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Sequence, TypeVar
@@ -63,7 +65,10 @@ def enable(root: str | os.PathLike | None = None) -> Path:
     fake.build_all(root)
     os.environ["UADKIT_DATA"] = str(root)
     # a fresh results folder per dry run: its noise never mixes with real results, and no run is skipped
-    os.environ["UADKIT_RESULTS"] = tempfile.mkdtemp(prefix="uadkit-dry-run-results-")
+    # (deleted when the process ends: a dry run's checkpoints of paper-size models take gigabytes)
+    results = tempfile.mkdtemp(prefix="uadkit-dry-run-results-")
+    atexit.register(shutil.rmtree, results, ignore_errors=True)
+    os.environ["UADKIT_RESULTS"] = results
     os.environ["UADKIT_DRY_RUN"] = "1"  # child processes (data loader workers) see it too
     _state.update(active=True, root=root)
     note(f"fake datasets in the published layouts under {root}; {MAX_ITEMS} categories per table, "
