@@ -1,4 +1,6 @@
 """The training loop: the loss falls, a resumed run equals an uninterrupted one, checkpoints load weights-only."""
+import os
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -112,3 +114,22 @@ def test_a_changed_byte_in_a_checkpoint_is_refused(tmp_path):
 def test_seed_must_be_an_integer(seed):
     with pytest.raises(TypeError, match="seed must be an integer"):
         train.seed_everything(seed)
+
+
+def test_pin_cpu_fixes_the_thread_count_and_keeps_a_kernel_set_given_in_the_environment(monkeypatch):
+    import torch
+    before = torch.get_num_threads()
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("UADKIT_THREADS", "1")
+    try:
+        assert train.pin_cpu() == 1
+        assert os.environ["ATEN_CPU_CAPABILITY"] == "default"  # the caller's choice wins
+        assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX2"  # unset ones are pinned
+        monkeypatch.setenv("UADKIT_THREADS", "two")
+        with pytest.raises(ValueError, match="UADKIT_THREADS"):
+            train.pin_cpu()
+        with pytest.raises(ValueError, match=">= 0"):
+            train.pin_cpu(-1)
+    finally:
+        torch.set_num_threads(before)

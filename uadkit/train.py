@@ -26,7 +26,7 @@ from tqdm import tqdm  # text bars: readable in terminals, notebooks, Colab and 
 
 from .profiles import pick_device
 
-__all__ = ["seed_everything", "pick_device", "make_generator", "to_device", "split_batch", "fit", "predict",
+__all__ = ["seed_everything", "pin_cpu", "CPU_PINS", "pick_device", "make_generator", "to_device", "split_batch", "fit", "predict",
            "load_checkpoint", "use_amp", "autocast"]
 
 
@@ -46,10 +46,49 @@ def autocast(device: str, enabled: bool):
     return torch.autocast(device_type=kind, dtype=torch.bfloat16, enabled=enabled and kind in ("cuda", "cpu"))
 
 
+# The CPU math libraries' own switches, each read lazily at its first use (so setting them after
+# ``import torch`` but before the first computation still counts). On the book's 2-core machine each was
+# measured (a conv/attention network, 100 AdamW steps, parameters hashed):
+# * the thread count changes the result under every kernel setting (reductions are split per thread),
+#   so the count is fixed rather than taken from the machine;
+# * oneDNN's ISA cap changes the result (convolutions and linear layers otherwise use the widest
+#   vector unit the CPU has), so a machine with AVX-512 and one with AVX2 only run the same kernels;
+# * oneMKL's conditional numerical reproducibility changed LAPACK results (SVD), not GEMM, here; it
+#   makes Intel and AMD CPUs take the same MKL code path;
+# * ATen's own kernels gave identical numbers at AVX2 and AVX-512 on the networks tried and other ones
+#   with no vector unit ("default"); AVX2 is pinned so that AVX-512 and AVX2-only machines agree.
+# A value already in the environment wins (``ATEN_CPU_CAPABILITY=default make test`` tests another
+# kernel set); what no switch removes (another CPU's rounding) the checked cells absorb in bands.
+CPU_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+DEFAULT_THREADS = 2
+
+
+def pin_cpu(threads: int | None = None) -> int:
+    """Pin what makes CPU results depend on the machine: the math libraries' kernel sets
+    (:data:`CPU_PINS`, unless already set) and torch's thread count: ``threads``, else
+    ``$UADKIT_THREADS``, else 2 (0 = the machine's count). Returns the thread count in force.
+    Where CUDA is available the thread count is left alone (the GPU computes the results)."""
+    for key, value in CPU_PINS.items():
+        os.environ.setdefault(key, value)
+    if threads is None:
+        raw = os.environ.get("UADKIT_THREADS", str(DEFAULT_THREADS))
+        try:
+            threads = int(raw)
+        except ValueError:
+            raise ValueError(f"UADKIT_THREADS must be an integer (0 = all cores), got {raw!r}") from None
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0 = all cores), got {threads}")
+    if threads and not torch.cuda.is_available() and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 def seed_everything(seed: int = 0) -> None:
-    """Seed Python, NumPy and torch, and ask torch for deterministic kernels."""
+    """Seed Python, NumPy and torch, ask torch for deterministic kernels, and pin the CPU's
+    kernel sets and thread count (:func:`pin_cpu`), so a run repeats to the bit on one machine."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
         raise TypeError(f"seed must be an integer in 0..2**32 - 1, got {seed!r} ({type(seed).__name__})")
+    pin_cpu()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
