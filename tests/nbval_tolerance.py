@@ -1,62 +1,115 @@
-"""Let nbval's checked cells tolerate last-digit drift in printed decimals.
+"""Checked notebook cells compared within bands measured for each of their numbers.
 
-A chapter trains small models on the CPU. Two machines with different CPUs run the same
-code with the same seeds, yet their floating-point sums differ in the last bits, and after
-a few hundred optimiser steps an AUROC printed as 0.97 on one machine can be 0.96 on the
-other. The checked cells (``# NBVAL_CHECK_OUTPUT``) should catch a real regression, not
-such drift. So a new output counts as equal to the committed one when
+A chapter trains small models on the CPU. Another seed, another CPU or another kernel set
+(``ATEN_CPU_CAPABILITY=default``) gives other digits: float sums round differently, and after a
+few hundred optimiser steps an AUROC printed as 0.97 can come out as 0.95. A checked cell
+(``# NBVAL_CHECK_OUTPUT``) should fail on a regression, not on such drift, so each checked cell
+carries in its metadata the band of every number it prints, measured by ``tests/bands.py``::
 
-* everything but the numbers is identical (words, layout, column names),
-* every integer is identical (shapes, counts, epochs),
-* every decimal is within ``TOLERANCE · max(1, |committed|)`` of the committed value
-  (0.02 on an AUROC in [0, 1], 1.7 on a percentage of 85).
+    cell.metadata["uadkit"]["bands"] = {"stdout": [0.0, 0.031, 0.012, ...], "text/plain:0": [...]}
 
-Anything else is compared by nbval as before, character by character.
+one tolerance per number of that output, in order: about three standard deviations of the
+number over seeds (0 for what does not move: counts, shapes, settings), plus one unit of its
+last printed digit for rounding. A new output counts as equal to the committed one when
+
+* everything but the numbers is identical (words, verdicts, lines, column names; a run of
+  spaces counts as one, since a column widens when one of its numbers gains a minus sign), and
+* every number lies within its band of the committed value.
+
+A checked cell without bands, or whose bands no longer fit its output (another count of
+numbers), is compared by nbval character by character; ``tests/test_book.py`` fails on such cells.
 """
 from __future__ import annotations
 
 import copy
 import re
 
-TOLERANCE = 0.02
-_NUMBER = re.compile(r"(-?\d+(?:\.\d+)?)")
+# A number stands alone: the digits of "RD4AD", "ResNet50" or "2a" are part of words.
+NUMBER = re.compile(r"(?<![\w.])(-?\d+(?:\.\d+)?)(?!\w)")
 
 
-def numbers_close(reference: str, new: str, tolerance: float = TOLERANCE) -> bool:
-    """True if ``new`` differs from ``reference`` only by decimals within the tolerance."""
-    ref_parts, new_parts = _NUMBER.split(reference), _NUMBER.split(new)
-    if len(ref_parts) != len(new_parts):
-        return False
+def layout(part: str) -> str:
+    """Text between numbers as compared: runs of spaces count as one (a table's column widens when
+    one of its numbers gains a minus sign)."""
+    return re.sub(r"[ \t]+", " ", part)
+
+
+def numbers(text: str) -> list[str]:
+    """The numbers of ``text`` as printed, in order."""
+    return NUMBER.findall(text)
+
+
+def out_of_band(reference: str, new: str, bands: list[float]) -> list[str] | None:
+    """``None`` if ``new`` differs from ``reference`` only by numbers inside ``bands``; else a list
+    of what differs (empty if the layout itself differs)."""
+    ref_parts, new_parts = NUMBER.split(reference), NUMBER.split(new)
+    if len(ref_parts) != len(new_parts) or len(bands) != len(ref_parts) // 2:
+        return []
+    problems = []
     for k, (r, n) in enumerate(zip(ref_parts, new_parts)):
-        if k % 2 == 0 or r == n:  # text between numbers, or an identical number
-            if r != n:
-                return False
+        if k % 2 == 0:  # the text between numbers must be identical
+            if layout(r) != layout(n):
+                return []
             continue
-        if "." not in r or "." not in n:  # integers must match exactly
-            return False
-        if abs(float(r) - float(n)) > tolerance * max(1.0, abs(float(r))):
-            return False
-    return True
+        tol = bands[k // 2]
+        if abs(float(r) - float(n)) > tol + 1e-9:
+            problems.append(f"number {k // 2 + 1}: {n} (committed {r}, band ± {tol:g})")
+    return problems or None
 
 
-def snap_to_reference(test: list, ref: list) -> list:
-    """A copy of the test outputs where every stream text that is ``numbers_close`` to the
-    reference stream of the same name (in order) is replaced by the reference text."""
-    test = copy.deepcopy(test)
-    refs = {}
-    for out in ref:
+def coalesce(outputs: list) -> list:
+    """A copy of ``outputs`` with each stream's pieces joined into one (as nbval compares them)."""
+    merged, streams = [], {}
+    for out in copy.deepcopy(list(outputs)):
         if out.get("output_type") == "stream":
-            refs.setdefault(out["name"], []).append(out["text"])
-    seen: dict[str, int] = {}
-    for out in test:
-        if out.get("output_type") != "stream":
+            text = "".join(out["text"]) if isinstance(out["text"], list) else out["text"]
+            if out["name"] in streams:
+                streams[out["name"]]["text"] += text
+                continue
+            out["text"] = text
+            streams[out["name"]] = out
+        elif "data" in out and isinstance(out["data"].get("text/plain"), list):
+            out["data"]["text/plain"] = "".join(out["data"]["text/plain"])
+        merged.append(out)
+    return merged
+
+
+def _texts(outputs: list) -> dict[str, tuple[dict, str]]:
+    """Each comparable text of a (coalesced) output list: ``"stdout"``/``"stderr"`` streams and
+    ``"text/plain:<i>"`` for the i-th rich output, mapped to (its output node, its text)."""
+    texts, rich = {}, 0
+    for out in outputs:
+        if out.get("output_type") == "stream":
+            texts[out["name"]] = (out, out["text"])
+        elif "data" in out and "text/plain" in out["data"]:
+            texts[f"text/plain:{rich}"] = (out, out["data"]["text/plain"])
+            rich += 1
+    return texts
+
+
+def snap_to_reference(test: list, ref: list, bands: dict[str, list[float]]) -> tuple[list, list[str]]:
+    """A copy of ``test`` in which every text within its bands of the reference is replaced by the
+    reference text (so nbval finds it equal), and the list of numbers found out of band."""
+    test = copy.deepcopy(test)
+    new_texts, ref_texts = _texts(test), _texts(ref)
+    problems = []
+    for key, tol in bands.items():
+        if key not in new_texts or key not in ref_texts:
             continue
-        k = seen.get(out["name"], 0)
-        seen[out["name"]] = k + 1
-        candidates = refs.get(out["name"], [])
-        if k < len(candidates) and numbers_close(candidates[k], out["text"]):
-            out["text"] = candidates[k]
-    return test
+        (node, new), (_, old) = new_texts[key], ref_texts[key]
+        found = out_of_band(old, new, tol)
+        if found is None:
+            if key.startswith("text/plain"):
+                node["data"]["text/plain"] = old
+            else:
+                node["text"] = old
+        else:
+            problems += [f"{key} {p}" for p in found] or [f"{key}: the layout differs from the committed output"]
+    return test, problems
+
+
+def cell_bands(cell) -> dict[str, list[float]]:
+    return dict(cell.get("metadata", {}).get("uadkit", {}).get("bands", {}))
 
 
 def install() -> None:
@@ -65,12 +118,20 @@ def install() -> None:
         from nbval.plugin import IPyNbCell
     except ImportError:
         return
-    if getattr(IPyNbCell.compare_outputs, "_tolerant", False):
+    if getattr(IPyNbCell.compare_outputs, "_banded", False):
         return
     original = IPyNbCell.compare_outputs
 
     def compare_outputs(self, test, ref, *args, **kwargs):
-        return original(self, snap_to_reference(test, ref), ref, *args, **kwargs)
+        bands = cell_bands(self.cell)
+        if not bands:
+            return original(self, test, ref, *args, **kwargs)
+        snapped, problems = snap_to_reference(test, ref, bands)
+        ok = original(self, snapped, ref, *args, **kwargs)
+        if not ok and problems:
+            self.comparison_traceback.append("numbers outside their measured bands (tests/bands.py):")
+            self.comparison_traceback += [f"  {p}" for p in problems]
+        return ok
 
-    compare_outputs._tolerant = True
+    compare_outputs._banded = True
     IPyNbCell.compare_outputs = compare_outputs

@@ -47,24 +47,43 @@ def test_committed_executed_with_checked_numbers(nb):
     assert max(len("".join(c["source"]).splitlines()) for c in cells) <= 40
 
 
-def test_checked_cells_tolerate_last_digit_drift_only():
+def test_checked_cells_pass_inside_their_bands_only():
     from nbformat import v4
-    from nbval_tolerance import numbers_close, snap_to_reference
+    from nbval_tolerance import out_of_band, snap_to_reference
 
-    ref = "RD4AD   0.90  0.91 mean 0.923\nOoD AUROC 85.1, 4 items, shape (4, 3, 64, 64)\n"
-    assert numbers_close(ref, ref.replace("0.923", "0.916").replace("85.1", "84.0"))  # drift: equal
-    assert not numbers_close(ref, ref.replace("0.923", "0.880"))  # a real change in an AUROC
-    assert not numbers_close(ref, ref.replace("85.1", "81.0"))  # beyond 2 % of a percentage
-    assert not numbers_close(ref, ref.replace("4 items", "5 items"))  # integers are exact
-    assert not numbers_close(ref, ref.replace("RD4AD", "RD4AE"))  # so is the text
-    assert not numbers_close(ref, ref + "extra line 0.1\n")
+    ref = "RD4AD   0.90  0.91 mean 0.923\nOoD AUROC 85.1, 4 items, verdict holds\n"
+    bands = [0.03, 0.03, 0.011, 2.5, 0]
+    assert out_of_band(ref, ref.replace("0.923", "0.916").replace("85.1", "83.0"), bands) is None  # drift
+    assert out_of_band(ref, ref.replace("0.923", "0.880"), bands) == ["number 3: 0.880 (committed 0.923, band ± 0.011)"]
+    assert out_of_band(ref, ref.replace("4 items", "5 items"), bands)  # a band of 0: exact
+    assert out_of_band(ref, ref.replace("holds", "inconclusive"), bands) == []  # verdicts and words: exact
+    assert out_of_band(ref, ref + "extra line 0.1\n", bands) == []
+    assert out_of_band(ref, ref.replace("0.90  0.91", "0.90 -0.01"), [0.03, 1, 0.011, 2.5, 0]) is None  # column widths
+    assert out_of_band(ref, ref, bands[:-1]) == []  # bands that no longer fit the output
     test = [v4.new_output("stream", name="stdout", text=ref.replace("0.923", "0.930")),
-            v4.new_output("stream", name="stdout", text="AUROC 0.5\n")]
+            v4.new_output("execute_result", data={"text/plain": "AUROC 0.5"}, execution_count=1)]
     refs = [v4.new_output("stream", name="stdout", text=ref),
-            v4.new_output("stream", name="stdout", text="AUROC 0.9\n")]
-    snapped = snap_to_reference(test, refs)
-    assert snapped[0]["text"] == ref and snapped[1]["text"] == "AUROC 0.5\n"  # only the close one is snapped
+            v4.new_output("execute_result", data={"text/plain": "AUROC 0.9"}, execution_count=1)]
+    snapped, problems = snap_to_reference(test, refs, {"stdout": bands, "text/plain:0": [0.1]})
+    assert snapped[0]["text"] == ref and snapped[1]["data"]["text/plain"] == "AUROC 0.5"  # only the close one
+    assert problems == ["text/plain:0 number 1: 0.5 (committed 0.9, band ± 0.1)"]
     assert test[0]["text"] != ref  # the test outputs themselves are not modified
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_checked_cell_has_bands_that_fit_its_output(nb):
+    """Bands are measured by tests/bands.py; a checked cell changed since then must be measured again."""
+    from nbval_tolerance import _texts, cell_bands, coalesce, numbers
+
+    for c in _code_cells(nb):
+        if "# NBVAL_CHECK_OUTPUT" not in "".join(c["source"]):
+            continue
+        bands, texts = cell_bands(c), _texts(coalesce(c["outputs"]))
+        where = f"{nb.name} cell {c.get('id')}: "
+        assert bands, where + "no bands: run tests/bands.py"
+        for key, tol in bands.items():
+            assert key in texts and len(tol) == len(numbers(texts[key][1])), where + f"{key} bands do not fit"
+            assert all(t >= 0 for t in tol)
 
 
 def test_a_wrong_chapter_parameter_stops_at_once_listing_the_valid_values(tmp_path):

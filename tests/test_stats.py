@@ -88,3 +88,30 @@ def test_claims_table_rows_carry_the_verdict():
     table = stats.claims_table(rows)
     assert list(table["verdict"]) == ["holds", "inconclusive"]
     assert table.loc["A beats B", "this run (difference, interval)"] == "+0.020 [+0.010, +0.030]"
+
+
+def test_pixel_bootstrap_agrees_with_the_exact_metric_and_the_generic_bootstrap():
+    rng = np.random.default_rng(4)
+    masks = np.zeros((30, 1, 16, 16)); masks[15:, :, 4:9, 4:9] = 1
+    a = rng.random(masks.shape) + 0.8 * masks
+    b = rng.random(masks.shape) + 0.5 * masks
+    strata = masks.reshape(30, -1).max(1)
+    d, lo, hi = stats.paired_bootstrap_pixels(a, b, masks, n_boot=400)
+    assert d == pytest.approx(metrics.pixel_auroc(a, masks) - metrics.pixel_auroc(b, masks))
+    d2, lo2, hi2 = stats.paired_bootstrap(metrics.pixel_auroc, a, b, masks, strata=strata, n_boot=400)
+    assert d2 == pytest.approx(d) and lo == pytest.approx(lo2, abs=0.01) and hi == pytest.approx(hi2, abs=0.01)
+    # binned AUROC of the full set is the exact one up to ~1/bins
+    neg, pos = stats._pixel_histograms(a, masks, 4096)
+    assert stats._auroc_from_counts(neg.sum(0), pos.sum(0)) == pytest.approx(metrics.pixel_auroc(a, masks), abs=1e-3)
+
+
+def test_bootstrap_over_several_test_sets_is_the_difference_of_means():
+    rng = np.random.default_rng(5)
+    ys = [np.r_[np.zeros(30), np.ones(20)], np.r_[np.zeros(40), np.ones(10)]]
+    a = [_scores(rng, y, 2.0) for y in ys]
+    b = [_scores(rng, y, 0.2) for y in ys]
+    d, lo, hi = stats.paired_bootstrap(metrics.image_auroc, a, b, ys, n_boot=200)
+    expected = np.mean([metrics.image_auroc(x, y) - metrics.image_auroc(z, y) for x, z, y in zip(a, b, ys)])
+    assert d == pytest.approx(expected) and lo <= d <= hi and lo > 0
+    with pytest.raises(ValueError, match="lists of the same length"):
+        stats.paired_bootstrap(metrics.image_auroc, a[0], b, ys)

@@ -1,0 +1,69 @@
+"""The checked cells' bands let drift through and stop a regression.
+
+The ADTR chapter's main table has one row per category; its mini/brick row is reproduced here by
+the chapter's own steps (one ADTR trained on mini/brick, seed 0), once with another kernel set
+(``ATEN_CPU_CAPABILITY=default``: unvectorised kernels, other rounding, the closest stand-in for
+another CPU on one machine) and once with a deliberately broken model. The first must lie inside
+the bands committed with the chapter, the second (a training loop that stops after one epoch) outside them.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+
+from nbval_tolerance import NUMBER, cell_bands, coalesce, out_of_band
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = r"""
+import json, sys
+import uadkit.models
+from uadkit import metrics, profiles
+from uadkit.data import get_dataset, stack
+from uadkit.train import seed_everything
+
+broken = sys.argv[1]
+P = profiles.get("smoke")
+seed_everything(0)
+overrides = {"epochs": 1, "lr_drop_epoch": 1} if broken == "one epoch" else {}
+det = uadkit.models.create("adtr", profile=P.name, device=P.device, seed=0, progress=False, **overrides)
+train, test = (get_dataset("mini/brick", s, image_size=P.image_size) for s in ("train", "test"))
+scores, maps = det.fit(train).predict(test)
+masks = stack(test, "mask")
+row = [metrics.image_auroc(scores, test.labels), metrics.pixel_auroc(maps, masks), metrics.aupro(maps, masks)]
+print(json.dumps(row))
+"""
+
+
+def _committed_row():
+    nb = nbformat.read(ROOT / "book" / "adtr.ipynb", 4)
+    cell = next(c for c in nb.cells if c.cell_type == "code" and "ours = pd.DataFrame(results).T" in c.source)
+    text = next(o["text"] for o in coalesce(cell.outputs) if o.get("name") == "stdout")
+    bands = cell_bands(cell)["stdout"]
+    # the numbers of the mini/brick line and their bands
+    before = text[:text.index("mini/brick")]
+    first = len(NUMBER.findall(before))
+    line = text[text.index("mini/brick"):].splitlines()[0]
+    return line, bands[first:first + len(NUMBER.findall(line))]
+
+
+def _reproduce(broken: str, **env) -> str:
+    out = subprocess.run([sys.executable, "-c", SCRIPT, broken], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, **env}, cwd=ROOT / "book")
+    assert out.returncode == 0, out.stderr[-2000:]
+    values = json.loads(out.stdout.strip().splitlines()[-1])
+    line, _ = _committed_row()  # the committed line with this run's numbers in place of its own
+    printed = iter(f"{v:.2f}" for v in values)
+    return NUMBER.sub(lambda m: next(printed), line)
+
+
+def test_bands_pass_the_drift_of_another_kernel_set_and_stop_a_broken_model():
+    line, bands = _committed_row()
+    assert len(bands) == 3 and all(b > 0 for b in bands)
+    drifted = _reproduce("no", ATEN_CPU_CAPABILITY="default")
+    assert out_of_band(line, drifted, bands) is None, f"drift outside the bands: {drifted!r} vs {line!r} ± {bands}"
+    broken = _reproduce("one epoch")  # a training loop that stops after its first epoch
+    assert out_of_band(line, broken, bands), f"a broken model passed: {broken!r} inside {line!r} ± {bands}"
