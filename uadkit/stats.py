@@ -144,7 +144,7 @@ def _pixel_histograms(maps: np.ndarray, masks: np.ndarray, bins: int) -> tuple[n
     offset = (np.arange(len(s)) * bins)[:, None]
     neg = np.bincount((code + offset)[~y], minlength=len(s) * bins).reshape(len(s), bins)
     pos = np.bincount((code + offset)[y], minlength=len(s) * bins).reshape(len(s), bins)
-    return neg, pos
+    return neg.astype(np.float64), pos.astype(np.float64)  # float: the draws' sums go through BLAS
 
 
 def _auroc_from_counts(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -170,7 +170,7 @@ def paired_bootstrap_pixels(maps_a, maps_b, masks, *, n_boot: int = 1000, level:
     for sa, sb, st in sets:
         (neg_a, pos_a), (neg_b, pos_b) = _pixel_histograms(sa, st, bins), _pixel_histograms(sb, st, bins)
         defective = st.reshape(len(st), -1).max(1) > 0.5
-        weights = np.stack([np.bincount(idx, minlength=len(st)) for idx in _draws(defective, n_boot, rng)])
+        weights = np.stack([np.bincount(idx, minlength=len(st)) for idx in _draws(defective, n_boot, rng)]).astype(np.float64)
         diffs += (_auroc_from_counts(weights @ neg_a, weights @ pos_a)
                   - _auroc_from_counts(weights @ neg_b, weights @ pos_b)) / len(sets)
     low, high = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
