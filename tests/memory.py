@@ -48,8 +48,10 @@ def make_tree(root: Path, n: int, *, seed: int = 0, size: int = 32, categories: 
 def fit_peak_mb(method: str, n_train: int, tmp_path: Path, *, image_size: int = 256, batch_size: int = 8,
                 timeout: int = 600, **overrides) -> float:
     tree = make_tree(tmp_path / f"tree{n_train}", n_train)
-    env = {**os.environ, "UADKIT_DRY_RUN": "1", "UADKIT_WEIGHTS": str(tmp_path / "no-weights"),
-           "OMP_NUM_THREADS": "1"}
+    # one thread, and the machine's own kernels (a capped ISA runs bf16 through slow reference kernels)
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")}
+    env |= {"UADKIT_DRY_RUN": "1", "UADKIT_WEIGHTS": str(tmp_path / "no-weights"), "OMP_NUM_THREADS": "1",
+            "UADKIT_THREADS": "1", "UADKIT_CPU_PINS": "0"}
     args = json.dumps({"tree": str(tree), "method": method, "image_size": image_size, "batch_size": batch_size,
                        "overrides": overrides})
     out = subprocess.run([sys.executable, "-c", _CHILD, args], env=env, capture_output=True, text=True,

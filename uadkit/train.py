@@ -59,17 +59,21 @@ def autocast(device: str, enabled: bool):
 #   with no vector unit ("default"); AVX2 is pinned so that AVX-512 and AVX2-only machines agree.
 # A value already in the environment wins (``ATEN_CPU_CAPABILITY=default make test`` tests another
 # kernel set); what no switch removes (another CPU's rounding) the checked cells absorb in bands.
+# The cap has a price: bf16 convolutions without the CPU's native bf16 instructions ran 30 times slower
+# (ResNet-50, one thread: 1.86 s against 0.06 s), so the paper profile's dry run, which trains under
+# bf16 autocast and checks no numbers, sets UADKIT_CPU_PINS=0 and keeps the machine's kernels.
 CPU_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
 DEFAULT_THREADS = 2
 
 
 def pin_cpu(threads: int | None = None) -> int:
     """Pin what makes CPU results depend on the machine: the math libraries' kernel sets
-    (:data:`CPU_PINS`, unless already set) and torch's thread count: ``threads``, else
+    (:data:`CPU_PINS`, unless already set or ``$UADKIT_CPU_PINS`` is 0) and torch's thread count: ``threads``, else
     ``$UADKIT_THREADS``, else 2 (0 = the machine's count). Returns the thread count in force.
     Where CUDA is available the thread count is left alone (the GPU computes the results)."""
-    for key, value in CPU_PINS.items():
-        os.environ.setdefault(key, value)
+    if os.environ.get("UADKIT_CPU_PINS", "1") != "0":  # 0: the machine's widest kernels (fast bf16; the dry run)
+        for key, value in CPU_PINS.items():
+            os.environ.setdefault(key, value)
     if threads is None:
         raw = os.environ.get("UADKIT_THREADS", str(DEFAULT_THREADS))
         try:
