@@ -19,7 +19,6 @@ never banded: they must match exactly.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import subprocess

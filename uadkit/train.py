@@ -201,7 +201,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             payload = state["uadkit_checkpoint"].numpy().tobytes()
             if hashlib.sha256(payload).hexdigest() != state.get("sha256"):
                 raise unreadable("its contents do not match their checksum (the file was changed or damaged)")
-            state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+            inner = io.BytesIO(payload)
+            state = torch.load(inner, map_location="cpu", weights_only=True)
         return state
     except RuntimeError as e:
         if str(e).startswith(f"cannot read checkpoint {path}"):
