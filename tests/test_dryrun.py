@@ -154,3 +154,12 @@ def test_the_dry_run_results_folder_is_removed_when_the_process_ends(tmp_path):
                          env={**os.environ, "UADKIT_DRY_RUN_DATA": str(tmp_path / "fake")})
     folder = Path(out.stdout.strip().splitlines()[-1])
     assert folder.name.startswith("uadkit-dry-run-results-") and not folder.exists()
+
+
+def test_seeds_of_a_compared_model(monkeypatch):
+    monkeypatch.setattr(dryrun, "enable", lambda root=None: None)
+    assert profiles.get("smoke").seeds(0) == [0, 1, 2] and profiles.get("smoke").seeds(3, 4) == [3, 4, 5, 6]
+    assert profiles.get("paper", dry_run=True).seeds(5) == [5, 6]  # the fewest an interval takes
+    for bad in (1, 2.0, True):
+        with pytest.raises(ValueError, match="at least 2 seeds"):
+            profiles.get("smoke").seeds(0, bad)

@@ -115,3 +115,22 @@ def test_bootstrap_over_several_test_sets_is_the_difference_of_means():
     assert d == pytest.approx(expected) and lo <= d <= hi and lo > 0
     with pytest.raises(ValueError, match="lists of the same length"):
         stats.paired_bootstrap(metrics.image_auroc, a[0], b, ys)
+
+
+def test_seed_claim_is_the_t_interval_of_per_seed_differences():
+    a, b = [0.80, 0.83, 0.81], [0.78, 0.80, 0.80]
+    row = stats.seed_claim("A beats B", "90 vs 80", a, b)
+    m, lo, hi = stats.seed_interval(np.subtract(a, b))
+    assert (row["difference"], row["low"], row["high"]) == pytest.approx((m, lo, hi))
+    assert row["verdict"] == stats.verdict(lo, hi) and row["seeds"] == 3
+    assert row[stats.SEEDS_COLUMN] == "0.813 ± 0.015 vs 0.793 ± 0.012"
+    assert row["interval"] == "t-interval over 3 seeds"
+    with pytest.raises(ValueError, match="one number per seed"):
+        stats.seed_claim("A beats B", "", [0.8, 0.9, 0.7], [0.8, 0.9])
+
+
+def test_claims_table_shows_seed_spreads_only_when_a_row_has_them():
+    boot = stats.claim("C beats D", "1 vs 0", (0.1, 0.05, 0.15), how="paired bootstrap")
+    assert stats.SEEDS_COLUMN not in stats.claims_table([boot]).columns
+    both = stats.claims_table([boot, stats.seed_claim("A beats B", "", [0.8, 0.9, 0.7], [0.7, 0.8, 0.75])])
+    assert list(both.columns)[1] == stats.SEEDS_COLUMN and both.loc["C beats D", stats.SEEDS_COLUMN] == "—"

@@ -77,6 +77,17 @@ class Profile:
         n = n or MAX_ITEMS
         return dict(list(items.items())[:n]) if isinstance(items, dict) else items[:n]
 
+    def seeds(self, first: int = 0, n: int = 3) -> list[int]:
+        """The training seeds of a compared model: ``first``, ``first + 1``, … (``n`` of them), or
+        two in a dry run (the fewest an interval over seeds takes), so every cell still runs.
+
+        >>> get("smoke").seeds(0)
+        [0, 1, 2]
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise ValueError(f"an interval over seeds needs at least 2 seeds, got n_seeds={n!r}")
+        return list(range(first, first + (2 if self.dry_run else n)))
+
 
 PROFILES = {
     "smoke": Profile(

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 __all__ = ["mean_sd", "format_mean_sd", "seed_interval", "paired_bootstrap", "paired_bootstrap_pixels", "verdict", "claim",
-           "claims_table", "HOLDS", "CONTRADICTED", "INCONCLUSIVE"]
+           "seed_claim", "claims_table", "HOLDS", "CONTRADICTED", "INCONCLUSIVE"]
 
 HOLDS, CONTRADICTED, INCONCLUSIVE = "holds", "contradicted", "inconclusive"
 
@@ -206,10 +206,35 @@ def claim(text: str, paper: str, difference: tuple[float, float, float], *, how:
             "difference": m, "low": lo, "high": hi}
 
 
+SEEDS_COLUMN = "this run (A vs B, mean ± sd over seeds)"
+
+
+def seed_claim(text: str, paper: str, a: Sequence[float], b: Sequence[float], *, claimed: str = "greater",
+               level: float = 0.95, scale: float = 1.0, decimals: int = 3) -> dict:
+    """One row of a claims table from trainings with several seeds: ``a[i]`` and ``b[i]`` are the
+    numbers of methods A and B (e.g. a mean AUROC over categories) when both were trained with the
+    i-th seed. The interval is the t-interval of the per-seed differences (:func:`seed_interval`),
+    so it covers training noise; the row also shows each method's mean ± sd over the seeds."""
+    a, b = _values(a, "a"), _values(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"a and b need one number per seed each, got {a.size} and {b.size}")
+    row = claim(text, paper, seed_interval(a - b, level=level), how=f"t-interval over {a.size} seeds",
+                claimed=claimed, scale=scale, decimals=decimals)
+    row[SEEDS_COLUMN] = (f"{format_mean_sd(a, scale=scale, decimals=decimals)} vs "
+                         f"{format_mean_sd(b, scale=scale, decimals=decimals)}")
+    row["seeds"] = int(a.size)
+    return row
+
+
 def claims_table(rows: list[dict]):
     """The claims as a DataFrame indexed by claim, showing the columns a reader needs (the raw
-    ``difference``/``low``/``high`` numbers stay in ``rows`` for :func:`uadkit.repro.record`)."""
+    ``difference``/``low``/``high`` numbers stay in ``rows`` for :func:`uadkit.repro.record`).
+    Rows made by :func:`seed_claim` add each method's mean ± sd over the seeds ("—" elsewhere)."""
     import pandas as pd
 
     shown = ["paper", "this run (difference, interval)", "interval", "verdict"]
-    return pd.DataFrame(rows).set_index("claim")[shown]
+    df = pd.DataFrame(rows).set_index("claim")
+    if SEEDS_COLUMN in df.columns:
+        df[SEEDS_COLUMN] = df[SEEDS_COLUMN].fillna("—")
+        shown.insert(1, SEEDS_COLUMN)
+    return df[shown]
