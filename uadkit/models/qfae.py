@@ -96,8 +96,8 @@ class QFAEConfig:
             base = cls(encoder="efficientnet_lite0", encoder_layers=(2, 3, 4), encoder_size=64, dim=128,
                        qformer_heads=4, decoder_dim=128, decoder_depth=2, decoder_heads=4, decoder_extra_tokens=1,
                        perceptual="efficientnet_lite0", perceptual_layers=(1, 2), perceptual_scales=(1.0, 0.5),
-                       score_layers=(1, 2), score_scales=(1.0, 0.5), epochs=20, lr=2e-3, batch_size=8,
-                       augment=False)  # no augmentation: the encoder's tokens are computed once
+                       score_layers=(1, 2), score_scales=(1.0, 0.5), epochs=10, lr=2e-3, batch_size=4,
+                       augment=False)  # no augmentation: the encoder's tokens are computed once; 80 steps on 32 images
         else:
             base = cls()
         return dataclasses.replace(base, **overrides)
