@@ -167,7 +167,7 @@ def test_stage1_is_repeatable_and_resumes(tmp_path):
 def test_create_and_profiles():
     assert "anomem" in uadkit.models.available()
     det = uadkit.models.create("anomem", progress=False, epochs=3)
-    assert det.config.epochs == 3 and det.config.depth == 18
+    assert det.config.epochs == 3 and det.config.depth == 18 and det.config.memory_init == "random"
     paper = A.AnoMemConfig.for_profile("paper")
     assert (paper.depth, paper.memory_sizes, paper.ratios, paper.beta, paper.lambda_v, paper.tau, paper.margin) == \
         (50, (512, 256), (0.3, 1.0), 2.0, 0.05, 0.1, 2.0)
@@ -390,3 +390,29 @@ def test_stage1_step_cost_counts_the_papers_step_on_meta():
     large = A.stage1_step_cost(paper, 16)
     assert 2 * small.flops * 0.9 < large.flops < 2 * small.flops * 1.2  # mostly the encoder: linear in B
     assert small.param_bytes > 90e6 and small.activation_bytes > 0  # ResNet-50 + memories, float32
+
+
+def test_memory_starts_from_training_features_with_data_init():
+    """memory_init="data": each stored pattern starts as the unit feature of a training position; "random"
+    (the paper's, and the default) keeps N(0, 1) patterns. A ResNet-10 has the same maps as a ResNet-18."""
+    train, _, _ = _digits()
+    cfg = _tiny(depth=10, memory_init="data")
+    det = A.AnoMemDetector(cfg, progress=False)
+    det.net, det._gen = A.AnoMemNet(config=cfg), torch.Generator().manual_seed(0)
+    images = torch.stack([train[i]["image"] for i in range(20)])
+    det.net.eval()
+    with torch.no_grad():
+        z = det.net.features(images)
+        det._init_memory(images)
+    assert [t.shape[1:] for t in z] == [(16, 4, 4), (32, 1, 1)]
+    for s, zs in enumerate(z):
+        v = F.normalize(zs.permute(0, 2, 3, 1).reshape(-1, zs.shape[1]), dim=-1)
+        p = det.net.memory(s).patterns.detach()
+        assert torch.allclose(p.norm(dim=1), torch.ones(len(p)), atol=1e-5)
+        assert ((p @ v.T).max(1).values > 1 - 1e-4).all()  # every pattern is one of the feature vectors
+    a = A.AnoMemDetector(_tiny(memory_init="data"), progress=False).fit(train)
+    b = A.AnoMemDetector(_tiny(memory_init="data"), progress=False).fit(train)
+    assert a.history == b.history and np.isfinite(a.history).all()
+    assert A.AnoMemConfig.for_profile("paper").memory_init == "random"
+    with pytest.raises(ValueError, match="memory_init"):
+        A.AnoMemDetector(_tiny(memory_init="nope", epochs=1), progress=False).fit(train)
