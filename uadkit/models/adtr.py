@@ -76,8 +76,8 @@ class ADTRConfig:
 
         if get(profile).is_smoke:
             base = cls(backbone="efficientnet_lite0", layers=(0, 1, 2, 3), feature_stride=8, dim=64, heads=4,
-                       ffn=128, encoder_layers=2, decoder_layers=2, epochs=30, lr=2e-3, lr_drop_epoch=25,
-                       batch_size=25, features_in_memory_mb=1024)
+                       ffn=128, encoder_layers=2, decoder_layers=2, epochs=12, lr=2e-3, lr_drop_epoch=10,
+                       batch_size=10, features_in_memory_mb=1024)
         else:
             base = cls()
         return dataclasses.replace(base, **overrides)
