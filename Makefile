@@ -56,7 +56,7 @@ book: $(STAMP)
 NB ?= book/*.ipynb
 execute: $(STAMP)
 	for nb in $(NB); do echo "executing $$nb"; MPLBACKEND=module://matplotlib_inline.backend_inline PYTHONHASHSEED=0 TQDM_MININTERVAL=30 $(PY) -c \
-	  "import sys, nbformat, nbclient; nb = nbformat.read(sys.argv[1], 4); nbclient.NotebookClient(nb, timeout=1200, kernel_name='python3', resources={'metadata': {'path': 'book'}}).execute(); nbformat.write(nb, sys.argv[1])" $$nb || exit 1; done
+	  "import sys, nbformat, nbclient; nb = nbformat.read(sys.argv[1], 4); nbclient.NotebookClient(nb, timeout=3600, kernel_name='python3', resources={'metadata': {'path': 'book'}}).execute(); nbformat.write(nb, sys.argv[1])" $$nb || exit 1; done
 
 clean:
 	rm -rf _build
