@@ -31,13 +31,16 @@ __all__ = ["seed_everything", "pin_cpu", "CPU_PINS", "pick_device", "make_genera
 
 
 def use_amp(device: str, amp: bool | None = None) -> bool:
-    """Whether to train under bf16 autocast: ``amp`` if given, else on CUDA, and in a dry run on any device
-    (the CPU has a bf16 autocast too, so a dry run executes the mixed-precision path that CUDA takes)."""
+    """Whether to train under bf16 autocast: ``amp`` if given, else on CUDA, and in a dry run on a CPU with
+    native bf16 (:func:`uadkit.dryrun.cpu_amp`), so that a dry run executes the mixed-precision path that
+    CUDA takes where that costs no more than float32."""
     from . import dryrun
 
     if amp is not None:
         return bool(amp)
-    return str(device).startswith("cuda") or dryrun.active()
+    if str(device).startswith("cuda"):
+        return True
+    return dryrun.active() and str(device).startswith("cpu") and dryrun.cpu_amp()
 
 
 def autocast(device: str, enabled: bool):
