@@ -1,10 +1,10 @@
 """Peak memory of a detector's ``fit``, measured in a fresh process (shared by the methods' tests).
 
-``fit_peak_mb(method, n_train, tmp_path, ...)`` writes ``n_train`` small PNGs as an MVTec-style
+``fit_peaks_mb(method, sizes, tmp_path, ...)`` writes, for each ``n_train`` in ``sizes``, that many small PNGs as an MVTec-style
 ``train/good`` tree, loads it at ``image_size`` with the real folder loader, and fits
-``uadkit.models.create(method, profile="paper", ...)`` on it in a child process, in the dry run
+``uadkit.models.create(method, profile="paper", ...)`` on it in a child process (the children side by side), in the dry run
 (at most 2 optimiser steps per training, random weights where none are cached), so that the
-time does not grow with the data while any memory kept per image still does. Returns the
+time does not grow with the data while any memory kept per image still does. Returns each
 child's peak resident memory in MB (``ru_maxrss``).
 """
 from __future__ import annotations
@@ -45,19 +45,34 @@ def make_tree(root: Path, n: int, *, seed: int = 0, size: int = 32, categories: 
     return root
 
 
-def fit_peak_mb(method: str, n_train: int, tmp_path: Path, *, image_size: int = 256, batch_size: int = 8,
-                timeout: int = 600, **overrides) -> float:
-    tree = make_tree(tmp_path / f"tree{n_train}", n_train)
+def fit_peaks_mb(method: str, sizes: tuple[int, ...], tmp_path: Path, *, image_size: int = 256, batch_size: int = 8,
+                 timeout: int = 600, **overrides) -> list[float]:
+    """Peak memory (MB) of one fit per training-set size in ``sizes``, each in its own child process; the
+    children run side by side (one thread each: on two cores the pair takes the time of one fit). Peak
+    resident memory is per process, so running them together does not change what each one measures."""
     # one thread, and the machine's own kernels (a capped ISA runs bf16 through slow reference kernels)
     env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")}
     env |= {"UADKIT_DRY_RUN": "1", "UADKIT_WEIGHTS": str(tmp_path / "no-weights"), "OMP_NUM_THREADS": "1",
             "UADKIT_THREADS": "1", "UADKIT_CPU_PINS": "0",
             "UADKIT_DRY_RUN_AMP": "0"}  # float32: bf16 on a CPU without bf16 instructions is 40x slower
-    args = json.dumps({"tree": str(tree), "method": method, "image_size": image_size, "batch_size": batch_size,
-                       "overrides": overrides})
-    out = subprocess.run([sys.executable, "-c", _CHILD, args], env=env, capture_output=True, text=True,
-                         timeout=timeout)
-    if out.returncode != 0:
-        raise RuntimeError(f"fit of {method} on {n_train} images failed:\n{out.stderr[-3000:]}")
-    kb = next(int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("PEAK_KB"))
-    return kb / 1024
+    children = []
+    for n_train in sizes:
+        tree = make_tree(tmp_path / f"tree{n_train}", n_train)
+        args = json.dumps({"tree": str(tree), "method": method, "image_size": image_size, "batch_size": batch_size,
+                           "overrides": overrides})
+        children.append(subprocess.Popen([sys.executable, "-c", _CHILD, args], env=env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True))
+    peaks = []
+    try:
+        for n_train, child in zip(sizes, children):
+            out, err = child.communicate(timeout=timeout)
+            if child.returncode != 0:
+                raise RuntimeError(f"fit of {method} on {n_train} images failed:\n{err[-3000:]}")
+            kb = next(int(line.split()[1]) for line in out.splitlines() if line.startswith("PEAK_KB"))
+            peaks.append(kb / 1024)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    return peaks

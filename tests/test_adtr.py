@@ -262,7 +262,7 @@ def test_fit_memory_does_not_grow_with_the_training_set(tmp_path):
     """Paper profile at 256 px (EfficientNet-B4 layer1-5, 720 channels on 16×16): the old fit held every
     training image and its features at once (0.8 + 0.7 MB per image, copies included +275 MB from 16 to
     128 images); now the features go to a file batch by batch and are read back per batch. Margin: 60 MB."""
-    from memory import fit_peak_mb
+    from memory import fit_peaks_mb
 
-    small, large = fit_peak_mb("adtr", 16, tmp_path), fit_peak_mb("adtr", 128, tmp_path)
+    small, large = fit_peaks_mb("adtr", (16, 128), tmp_path)
     assert large - small < 60, f"peak memory grew from {small:.0f} MB (16 images) to {large:.0f} MB (128 images)"

@@ -350,11 +350,10 @@ def test_fit_memory_does_not_grow_with_the_training_set(tmp_path):
     (16 images' first scale): from 16 to 128 training images it grows by less than 60 MB (measured: about
     20 MB). The code that held every image's 8×8×1024 first-scale features (256 KB each, and copies) grew
     by about 400 MB."""
-    from memory import fit_peak_mb
+    from memory import fit_peaks_mb
 
     kw = dict(image_size=32, batch_size=8, prototypes="kmeans", kmeans_sample=1024, kmeans_iters=1)
-    small = fit_peak_mb("anomem", 16, tmp_path, **kw)
-    large = fit_peak_mb("anomem", 128, tmp_path, **kw)
+    small, large = fit_peaks_mb("anomem", (16, 128), tmp_path, **kw)
     assert large - small < 60, f"peak memory grew by {large - small:.0f} MB (16: {small:.0f} MB, 128: {large:.0f} MB)"
 
 

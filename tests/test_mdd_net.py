@@ -303,7 +303,11 @@ def test_teacher_features_stop_after_the_last_stage_read():
 def test_paper_profile_settings():
     cfg = M.MDDConfig.for_profile("paper")
     assert cfg.backbone == "wide_resnet50_2" and cfg.layers == (1, 2, 3) and cfg.neck_stride == 2
-    assert M.MDDConfig.for_profile("smoke").backbone == "efficientnet_lite0"
+    smoke = M.MDDConfig.for_profile("smoke")
+    assert smoke.backbone == "efficientnet_lite0"
+    # the smoke settings the chapter's reimplementation notes state (the paper profile's are untouched)
+    assert (smoke.dim, smoke.epochs, smoke.batch_size, smoke.memory_items) == (32, 12, 16, 48)
+    assert (cfg.dim, cfg.epochs, cfg.batch_size, cfg.memory_items, cfg.lr) == (256, 200, 16, 200, 5e-3)
     # the paper profile builds WRN50 at random weights on a 64-px image (no download needed)
     det = uadkit.models.create("mdd_net", profile="paper", device="cpu", pretrained=False, dim=16,
                                memory_items=4, progress=False)

@@ -296,10 +296,9 @@ def test_fit_memory_does_not_grow_with_the_training_set(tmp_path):
     """Peak memory of a paper-profile fit (ViT-B widths, 16-px patches, 224 px, dry-run caps; 2 + 2 layers
     so that it takes seconds) grows by less than 30 MB from 16 to 128 training images. Holding the images
     (128 × 3 × 224² float32 = 77 MB) measured about 60 MB more than 16 of them; reading per batch, 0-10 MB."""
-    from memory import fit_peak_mb
+    from memory import fit_peaks_mb
 
-    small = fit_peak_mb("memmc_mae", 16, tmp_path, image_size=224, depth=2, decoder_depth=2)
-    large = fit_peak_mb("memmc_mae", 128, tmp_path, image_size=224, depth=2, decoder_depth=2)
+    small, large = fit_peaks_mb("memmc_mae", (16, 128), tmp_path, image_size=224, depth=2, decoder_depth=2)
     assert large - small < 30, f"peak memory {small:.0f} MB with 16 images, {large:.0f} MB with 128"
 
 

@@ -143,8 +143,8 @@ def test_fit_memory_does_not_grow_with_the_training_set(tmp_path):
     every image before subsampling (here EfficientNet-Lite0's stride-4 and -8 stages, 64 channels on
     64×64: 1 MB per image, +110 MB from 16 to 128 images; with the paper's WideResNet-50 it is 6 MB per
     image, but 12 times slower to run); now only the kept patches are stored. Margin: 60 MB."""
-    from memory import fit_peak_mb
+    from memory import fit_peaks_mb
 
-    small, large = (fit_peak_mb("knn", n, tmp_path, max_bank=2000, backbone="efficientnet_lite0", layers=(1, 2))
-                    for n in (16, 128))
+    small, large = fit_peaks_mb("knn", (16, 128), tmp_path, max_bank=2000, backbone="efficientnet_lite0",
+                                layers=(1, 2))
     assert large - small < 60, f"peak memory grew from {small:.0f} MB (16 images) to {large:.0f} MB (128 images)"

@@ -423,14 +423,14 @@ def test_fit_memory_does_not_grow_with_the_training_set(tmp_path, monkeypatch):
     Both sizes run the dry run's 2 steps of 64 images (a third batch is read); small networks stand in for DINOv2
     and the MAE, and the MAE loss, so that a step is quick (the data path is the same for every loss). A fixed
     mmap threshold makes glibc return every large block at once, so the peak is repeatable to about 1 MB."""
-    from memory import fit_peak_mb
+    from memory import fit_peaks_mb
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     small = dict(encoder="efficientnet_lite0", encoder_layers=[2, 3, 4], dim=32, qformer_heads=2, decoder_dim=32,
                  decoder_depth=1, decoder_heads=2, decoder_extra_tokens=1, perceptual="efficientnet_lite0",
                  perceptual_layers=[1, 2], perceptual_scales=[1.0, 0.5], score_layers=[1, 2], score_scales=[1.0, 0.5],
                  loss="mae")
-    few, many = (fit_peak_mb("qfae", n, tmp_path, image_size=224, **small) for n in (192, 768))
+    few, many = fit_peaks_mb("qfae", (192, 768), tmp_path, image_size=224, **small)
     assert many - few < 30, f"peak {few:.0f} MB with 192 images, {many:.0f} MB with 768"
 
 
