@@ -363,9 +363,8 @@ def test_fit_memory_does_not_grow_with_the_training_set(tmp_path):
     Margin 120 MB, twice the spread between repeated runs of one fit (±60 MB); images and teacher features
     kept in memory cost about 30 MB per image at 256 px (image, two anomalies, their WRN50 layer1-3
     features), over 3 GB more on 128 images."""
-    from memory import fit_peak_mb
+    from memory import fit_peaks_mb
 
     kw = dict(batch_size=8, init_images=8, fusion_images=8)
-    small = fit_peak_mb("mdd_net", 16, tmp_path, **kw)
-    large = fit_peak_mb("mdd_net", 128, tmp_path, **kw)
+    small, large = fit_peaks_mb("mdd_net", (16, 128), tmp_path, **kw)
     assert large - small < 120, f"peak memory {small:.0f} MB on 16 images, {large:.0f} MB on 128"
