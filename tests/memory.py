@@ -54,7 +54,7 @@ def fit_peaks_mb(method: str, sizes: tuple[int, ...], tmp_path: Path, *, image_s
     env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")}
     env |= {"UADKIT_DRY_RUN": "1", "UADKIT_WEIGHTS": str(tmp_path / "no-weights"), "OMP_NUM_THREADS": "1",
             "UADKIT_THREADS": "1", "UADKIT_CPU_PINS": "0",
-            "UADKIT_DRY_RUN_AMP": "0"}  # float32: bf16 on a CPU without bf16 instructions is 40x slower
+            "UADKIT_DRY_RUN_AMP": "0"}  # float32: bf16 on a CPU without bf16 instructions is 45x slower
     children = []
     for n_train in sizes:
         tree = make_tree(tmp_path / f"tree{n_train}", n_train)

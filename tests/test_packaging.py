@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
@@ -27,17 +29,14 @@ def _imported_modules() -> set[str]:
                 names |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.add(node.module.split(".")[0])
-    # modules found by name at run time (importlib.util.find_spec("nilearn")) count too
-    for path in (ROOT / "uadkit").rglob("*.py"):
-        text = path.read_text()
-        names |= {n for n in ("nilearn",) if f'find_spec("{n}")' in text}
+        # modules looked up by name at run time (importlib.util.find_spec("nilearn")) count too
+        names |= set(re.findall(r'find_spec\("(\w+)"\)', path.read_text()))
     return names
 
 
 def _declared() -> set[str]:
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return {d.split(";")[0].split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower()
-            for d in meta["dependencies"]}
+    return {Requirement(d).name.lower() for d in meta["dependencies"]}
 
 
 def test_every_third_party_import_of_uadkit_is_a_declared_dependency():

@@ -18,7 +18,7 @@ dataset loaders and folder layouts, AMP) and changes only how much work it does:
   initialisation, and says so (never outside a dry run);
 * AMP: bfloat16 autocast also on a CPU with bf16 instructions (AVX512-BF16 or AMX), so the
   mixed-precision path that CUDA takes is executed here; on a CPU without them bf16 convolutions
-  run 40 times slower than float32, and the dry run stays in float32 (:func:`cpu_amp`; each
+  run 45 times slower than float32, and the dry run stays in float32 (:func:`cpu_amp`; each
   method's unit tests still run a training step under CPU autocast, at toy sizes).
 
 Nothing it produces is a result: every number of a dry run is noise.
