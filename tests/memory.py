@@ -5,7 +5,8 @@
 ``uadkit.models.create(method, profile="paper", ...)`` on it in a child process (the children side by side), in the dry run
 (at most 2 optimiser steps per training, random weights where none are cached), so that the
 time does not grow with the data while any memory kept per image still does. Returns each
-child's peak resident memory in MB (``ru_maxrss``).
+child's peak resident memory in MB (``ru_maxrss``), with glibc's malloc set to hand large freed
+blocks back at once, so that the peak is that of the memory actually held (repeatable to a few MB).
 """
 from __future__ import annotations
 
@@ -54,7 +55,11 @@ def fit_peaks_mb(method: str, sizes: tuple[int, ...], tmp_path: Path, *, image_s
     env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")}
     env |= {"UADKIT_DRY_RUN": "1", "UADKIT_WEIGHTS": str(tmp_path / "no-weights"), "OMP_NUM_THREADS": "1",
             "UADKIT_THREADS": "1", "UADKIT_CPU_PINS": "0",
-            "UADKIT_DRY_RUN_AMP": "0"}  # float32: bf16 on a CPU without bf16 instructions is 45x slower
+            "UADKIT_DRY_RUN_AMP": "0",  # float32: bf16 on a CPU without bf16 instructions is 45x slower
+            # glibc maps every block of 1 MB or more on its own and unmaps it when freed: with its adaptive threshold
+            # the peak of one and the same ADTR fit varied by 100-160 MB from run to run (1370-1538 MB, measured),
+            # now by under 10 MB (1240-1251 MB); the fits take ~60 % longer (page faults)
+            "MALLOC_MMAP_THRESHOLD_": "1048576"}
     children = []
     for n_train in sizes:
         tree = make_tree(tmp_path / f"tree{n_train}", n_train)
