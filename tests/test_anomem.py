@@ -167,7 +167,7 @@ def test_stage1_is_repeatable_and_resumes(tmp_path):
 def test_create_and_profiles():
     assert "anomem" in uadkit.models.available()
     det = uadkit.models.create("anomem", progress=False, epochs=3)
-    assert det.config.epochs == 3 and det.config.depth == 18 and det.config.memory_init == "random"
+    assert det.config.epochs == 3 and det.config.depth == 10 and det.config.memory_init == "data"
     paper = A.AnoMemConfig.for_profile("paper")
     assert (paper.depth, paper.memory_sizes, paper.ratios, paper.beta, paper.lambda_v, paper.tau, paper.margin) == \
         (50, (512, 256), (0.3, 1.0), 2.0, 0.05, 0.1, 2.0)

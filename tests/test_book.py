@@ -30,6 +30,20 @@ def test_profile_is_a_papermill_parameter(nb):
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_sees_every_parameter(nb):
+    """Every top-level assignment of the parameters cell is a parameter papermill can list (`papermill --help-notebook`);
+    a line it cannot parse (e.g. an `=` inside the comment) drops out of that help, silently."""
+    import ast
+
+    source = "".join(_code_cells(nb)[0]["source"])
+    lines = [line[:len(line) - len(line.lstrip())] + "pass" if line.lstrip().startswith(("%", "!")) else line
+             for line in source.splitlines()]  # a shell or magic line (the Colab install) is no Python
+    tree = ast.parse("\n".join(lines))
+    assigned = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+    assert assigned and assigned <= set(papermill.inspect_notebook(str(nb)))
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
 def test_dry_run_is_a_papermill_parameter_that_reaches_the_profile(nb):
     params = papermill.inspect_notebook(str(nb))
     assert params["dry_run"]["default"] == "False"
