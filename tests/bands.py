@@ -14,8 +14,10 @@ the runs and write it into the committed notebook's cell metadata::
 A number's band is ``K`` standard deviations over the runs (the committed one included; for a
 decimal, at least ``K`` times the root-mean-square spread of the decimals on its line, because
 three runs estimate one number's spread poorly), plus one unit of its last printed digit. A
-number that no run moved (a count, a setting, a shape) has a band of 0. Words and verdicts are
-never banded: they must match exactly.
+number that no run moved (a count, a setting, a shape) has a band of 0. Words are never banded: they
+must match exactly. So must verdicts, except on a line where a run with other seeds printed another
+verdict: that line then accepts the verdicts the runs printed, and ``measure`` lists it
+(``open_verdicts`` in the cell's metadata; the chapter's prose says which claims those are).
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ import nbformat
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nbval_tolerance import NUMBER, _texts, cell_bands, coalesce, layout, out_of_band  # noqa: E402
+from nbval_tolerance import (NUMBER, VERDICT, _texts, cell_bands, cell_open_verdicts, coalesce, layout,  # noqa: E402
+                             open_verdict, out_of_band)
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
@@ -85,6 +88,21 @@ def bands_for(reference: str, others: list[str]) -> tuple[list[float], int]:
     return bands, len(same)
 
 
+def open_verdict_lines(reference: str, others: list[str]) -> dict[str, list[str]]:
+    """The lines of ``reference`` whose verdict another run (same number of lines) printed otherwise,
+    each with every verdict printed there: ``{"3": ["holds", "inconclusive"]}``."""
+    ref_lines, seen = reference.split("\n"), {}
+    for other in others:
+        lines = other.split("\n")
+        if len(lines) != len(ref_lines):
+            continue
+        for i, (a, b) in enumerate(zip(ref_lines, lines)):
+            va, vb = VERDICT.findall(a), VERDICT.findall(b)
+            if len(va) == len(vb) == 1 and va != vb:
+                seen.setdefault(str(i), {va[0]}).add(vb[0])
+    return {i: sorted(v) for i, v in seen.items()}
+
+
 def measure(run_dirs: list[Path], notebooks: list[Path]) -> int:
     for path in notebooks:
         runs = [nbformat.read(d / path.name, 4) for d in run_dirs if (d / path.name).is_file()]
@@ -94,15 +112,23 @@ def measure(run_dirs: list[Path], notebooks: list[Path]) -> int:
         nb = nbformat.read(path, 4)
         run_cells = [checked_cells(r) for r in runs]
         for cid, cell in checked_cells(nb).items():
-            bands, notes = {}, []
+            bands, opened, notes = {}, {}, []
             for key, ref_text in _comparable(cell.outputs).items():
                 others = [_comparable(rc[cid].outputs).get(key) for rc in run_cells if cid in rc]
                 others = [o for o in others if o is not None]
-                bands[key], n_same = bands_for(ref_text, others)
+                lines = open_verdict_lines(ref_text, others)
+                if lines:
+                    opened[key] = lines
+                    notes.append(f"{key}: verdicts that other seeds changed, lines {', '.join(lines)}")
+                bands[key], n_same = bands_for(open_verdict(ref_text, lines), [open_verdict(o, lines) for o in others])
                 if n_same < len(others):
                     notes.append(f"{key}: {len(others) - n_same} run(s) printed another layout, not used")
             cell.metadata.setdefault("uadkit", {})
             cell.metadata["uadkit"]["bands"] = bands
+            if opened:
+                cell.metadata["uadkit"]["open_verdicts"] = opened
+            else:
+                cell.metadata["uadkit"].pop("open_verdicts", None)
             cell.metadata["uadkit"]["bands_from"] = (
                 f"{K:g} sd over the committed run and {len(runs)} run(s) with other seeds, + 1 unit of the last digit; "
                 f"measured {time.strftime('%Y-%m-%d')} by tests/bands.py")
@@ -121,14 +147,14 @@ def check(run_dir: Path, notebooks: list[Path]) -> int:
             continue
         committed, run = checked_cells(nbformat.read(path, 4)), checked_cells(nbformat.read(run_path, 4))
         for cid, cell in committed.items():
-            bands, ref = cell_bands(cell), _comparable(cell.outputs)
+            bands, opened, ref = cell_bands(cell), cell_open_verdicts(cell), _comparable(cell.outputs)
             new = _comparable(run[cid].outputs) if cid in run else {}
             problems = []
             for key, text in ref.items():
                 if key not in new:
                     problems.append(f"{key}: missing")
                     continue
-                found = out_of_band(text, new[key], bands.get(key, [0.0] * len(NUMBER.findall(text))))
+                found = out_of_band(text, new[key], bands.get(key, [0.0] * len(NUMBER.findall(text))), opened.get(key))
                 if found is not None:
                     problems += found or [f"{key}: another layout"]
             failed += bool(problems)

@@ -71,3 +71,16 @@ def test_bands_pass_the_drift_of_another_kernel_set_and_stop_a_broken_model():
     assert out_of_band(line, drifted, bands) is None, f"drift outside the bands: {drifted!r} vs {line!r} ± {bands}"
     broken = _reproduce("one epoch")  # training loops that stop after their first epoch
     assert out_of_band(line, broken, bands), f"a broken model passed: {broken!r} inside {line!r} ± {bands}"
+
+
+def test_a_verdict_other_seeds_changed_accepts_only_the_verdicts_they_printed():
+    from bands import open_verdict_lines
+
+    committed = "claim\nA beats B    holds\nA beats kNN  contradicted\n"
+    other_seeds = ["claim\nA beats B    inconclusive\nA beats kNN  contradicted\n"]
+    opened = open_verdict_lines(committed, other_seeds)
+    assert opened == {"1": ["holds", "inconclusive"]}
+    assert out_of_band(committed, other_seeds[0], [], opened) is None
+    assert out_of_band(committed, committed.replace("holds", "contradicted"), [], opened) == []  # never printed
+    assert out_of_band(committed, committed.replace("contradicted", "inconclusive"), [], opened) == []  # a stable line
+    assert out_of_band(committed, other_seeds[0], []) == []  # without the measured lines every verdict is exact

@@ -87,7 +87,7 @@ def test_checked_cells_pass_inside_their_bands_only():
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
 def test_every_checked_cell_has_bands_that_fit_its_output(nb):
     """Bands are measured by tests/bands.py; a checked cell changed since then must be measured again."""
-    from nbval_tolerance import _texts, cell_bands, coalesce, numbers
+    from nbval_tolerance import VERDICT, _texts, cell_bands, cell_open_verdicts, coalesce, numbers
 
     for c in _code_cells(nb):
         if "# NBVAL_CHECK_OUTPUT" not in "".join(c["source"]):
@@ -98,6 +98,10 @@ def test_every_checked_cell_has_bands_that_fit_its_output(nb):
         for key, tol in bands.items():
             assert key in texts and len(tol) == len(numbers(texts[key][1])), where + f"{key} bands do not fit"
             assert all(t >= 0 for t in tol)
+        for key, lines in cell_open_verdicts(c).items():  # each names a line whose committed verdict it allows
+            printed = texts[key][1].split("\n")
+            for i, allowed in lines.items():
+                assert VERDICT.findall(printed[int(i)]) and VERDICT.findall(printed[int(i)])[0] in allowed, where + key
 
 
 def test_a_wrong_chapter_parameter_stops_at_once_listing_the_valid_values(tmp_path):
