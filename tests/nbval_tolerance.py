@@ -17,14 +17,14 @@ last printed digit for rounding. A new output counts as equal to the committed o
 * every number lies within its band of the committed value.
 
 A claims table's verdict (holds / contradicted / inconclusive) must match too, with one exception
-measured like the bands: where the runs with other seeds already printed another verdict on a line,
-that line may print any verdict seen there, and only those::
+measured like the bands: where the runs with other seeds (or the same seeds on another kernel set)
+already printed another verdict on a line, that line may print any verdict seen there, and only those::
 
     cell.metadata["uadkit"]["open_verdicts"] = {"stdout": {"3": ["holds", "inconclusive"]}}
 
 (line 3, counted from 0, printed "holds" in one run and "inconclusive" in another). Such a verdict
-depends on the seeds drawn, and a chaotic training on another CPU is as good as another draw; no
-check can hold it on every machine. Every other verdict is compared exactly.
+depends on the seeds drawn or on rounding, and a chaotic training on another CPU is as good as another
+draw; no check can hold it on every machine. Every other verdict is compared exactly.
 
 A checked cell without bands, or whose bands no longer fit its output (another count of
 numbers), is compared by nbval character by character; ``tests/test_book.py`` fails on such cells.
