@@ -101,7 +101,7 @@ def test_every_checked_cell_has_bands_that_fit_its_output(nb):
         for key, lines in cell_open_verdicts(c).items():  # each names a line whose committed verdict it allows
             printed = texts[key][1].split("\n")
             for i, allowed in lines.items():
-                assert VERDICT.findall(printed[int(i)]) and VERDICT.findall(printed[int(i)])[0] in allowed, where + key
+                assert VERDICT.findall(printed[int(i)])[:1] in [[v] for v in allowed], where + f"{key} line {i}"
 
 
 def test_a_wrong_chapter_parameter_stops_at_once_listing_the_valid_values(tmp_path):
