@@ -12,7 +12,9 @@ STAMP  := $(VENV)/.installed
 test execute: export ATEN_CPU_CAPABILITY ?= avx2
 test execute: export ONEDNN_MAX_CPU_ISA ?= AVX2
 test execute: export MKL_CBWR ?= AVX2
-export UADKIT_THREADS ?= 2
+export UADKIT_THREADS ?= 1
+# How many test files or chapters run side by side (each on UADKIT_THREADS torch threads): the cores.
+JOBS ?= 2
 
 setup: $(STAMP)
 
@@ -37,15 +39,19 @@ fashion-mnist:
 	  echo "note: could not install dataset-fashion-mnist; fashion/<k> needs it (see uadkit/data/fashion.py)"; \
 	else echo "note: no apt-get here; for fashion/<k> put torchvision's FashionMNIST/raw under \$$UADKIT_DATA/fashion"; fi
 
-# Unit tests, then every chapter re-executed (smoke profile) with its key numbers checked.
+# Unit tests and every chapter re-executed (smoke profile) with its key numbers checked, $(JOBS) files at a
+# time (a chapter's cells stay together, in one kernel); the peak-memory tests of paper-size fits run in dry-run.
 test: $(STAMP)
-	MPLBACKEND=Agg PYTHONHASHSEED=0 $(PY) -m pytest tests book --nbval-lax --nbval-current-env -p no:cacheprovider
+	MPLBACKEND=Agg PYTHONHASHSEED=0 $(PY) -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder \
+	  book tests -m "not paper_memory" --nbval-lax --nbval-current-env -p no:cacheprovider
 
 # The paper profile's dry run: every chapter, every cell, at the paper's architectures and sizes on fake
 # trees in the published layouts, a few steps per training (uadkit/dryrun.py). Into a temporary folder;
-# the committed notebooks stay smoke-executed. `make dry-run NB=book/adtr.ipynb` runs one chapter.
+# the committed notebooks stay smoke-executed. `make dry-run NB=book/adtr.ipynb` runs one chapter. First, the
+# peak memory of each method's paper-profile fit must not grow with the training set (tests marked paper_memory).
 dry-run: $(STAMP)
-	$(PY) tests/dry_run.py $(if $(filter command line,$(origin NB)),$(NB))
+	$(if $(filter command line,$(origin NB)),,$(PY) -m pytest -n $(JOBS) tests -m paper_memory -p no:cacheprovider -q)
+	UADKIT_JOBS=$(JOBS) $(PY) tests/dry_run.py $(if $(filter command line,$(origin NB)),$(NB))
 
 # The book, from the committed executed notebooks, into _build/html; any warning fails.
 book: $(STAMP)

@@ -258,6 +258,7 @@ def test_training_step_and_prediction_on_the_meta_device():
     assert scores.shape == (2,) and maps.shape == (2, 1, 256, 256) and maps.device.type == "meta"
 
 
+@pytest.mark.paper_memory
 def test_fit_memory_does_not_grow_with_the_training_set(tmp_path):
     """Paper profile at 256 px (EfficientNet-B4 layer1-5, 720 channels on 16×16): the old fit held every
     training image and its features at once (0.8 + 0.7 MB per image, copies included +275 MB from 16 to

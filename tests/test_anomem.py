@@ -344,6 +344,7 @@ def test_stage2_and_scoring_see_one_batch_at_a_time(monkeypatch):
     assert torch.isfinite(out["semi-supervised"]).all()
 
 
+@pytest.mark.paper_memory
 def test_fit_memory_does_not_grow_with_the_training_set(tmp_path):
     """Peak memory of a paper-profile fit (ResNet-50 at 32 px, dry-run caps, stage-1 batch 8) with the
     k-means baseline on both scales (one Lloyd iteration), whose seeding sample is capped at 1,024 vectors

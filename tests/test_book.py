@@ -61,6 +61,31 @@ def test_committed_executed_with_checked_numbers(nb):
     assert max(len("".join(c["source"]).splitlines()) for c in cells) <= 40
 
 
+MAX_STDERR_LINES = 40  # a few progress-bar states per training loop; every redraw would add one
+
+
+def stderr_lines(cells) -> list[str]:
+    """The lines a reader sees in a notebook's stderr blocks (a progress-bar redraw, ``\\r``, is a line too)."""
+    import re
+
+    text = "".join("".join(o["text"]) for c in cells for o in c.get("outputs", []) if o.get("name") == "stderr")
+    return [line for line in re.split(r"[\r\n]+", text) if line.strip()]
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_shows_no_wall_of_progress_bars_or_warnings(nb):
+    lines = stderr_lines(_code_cells(nb))
+    assert len(lines) <= MAX_STDERR_LINES, f"{len(lines)} stderr lines, e.g. {lines[:3]}"
+    warnings = [line for line in lines if "Warning" in line]
+    assert not warnings, f"a warning in the committed output: {warnings[0][:200]}"
+
+
+def test_stderr_lines_count_redraws():
+    cells = [{"outputs": [{"name": "stderr", "text": ["\rbar 0%", "\rbar 50%\rbar 100%\n"]},
+                          {"name": "stdout", "text": ["ignored\n"]}]}]
+    assert stderr_lines(cells) == ["bar 0%", "bar 50%", "bar 100%"]
+
+
 def test_checked_cells_pass_inside_their_bands_only():
     from nbformat import v4
     from nbval_tolerance import out_of_band, snap_to_reference

@@ -306,7 +306,7 @@ def test_paper_profile_settings():
     smoke = M.MDDConfig.for_profile("smoke")
     assert smoke.backbone == "efficientnet_lite0"
     # the smoke settings the chapter's reimplementation notes state (the paper profile's are untouched)
-    assert (smoke.dim, smoke.epochs, smoke.batch_size, smoke.memory_items) == (32, 12, 16, 48)
+    assert (smoke.dim, smoke.epochs, smoke.batch_size, smoke.memory_items) == (32, 8, 16, 48)
     assert (cfg.dim, cfg.epochs, cfg.batch_size, cfg.memory_items, cfg.lr) == (256, 200, 16, 200, 5e-3)
     # the paper profile builds WRN50 at random weights on a 64-px image (no download needed)
     det = uadkit.models.create("mdd_net", profile="paper", device="cpu", pretrained=False, dim=16,
@@ -356,6 +356,7 @@ def test_a_training_step_and_a_prediction_stay_on_the_meta_device(variant):
     assert scores.shape == (2,) and maps.shape == (2, 1, 256, 256) and maps.device.type == "meta"
 
 
+@pytest.mark.paper_memory
 def test_fit_memory_does_not_grow_with_the_training_set(tmp_path):
     """Peak memory of a paper-profile fit (WRN50 at random weights, 256 px, the dry run's two optimiser steps,
     batch 8 so that both fits take two) on 16 and on 128 training images. The bounded samples (memory init,

@@ -292,6 +292,7 @@ def test_fit_in_a_dry_run_uses_amp_and_reads_only_its_batches(monkeypatch):
     assert len(reads) <= checked + 2 + (dryrun.MAX_STEPS + 1) * M.DRY_RUN_BATCH < 64
 
 
+@pytest.mark.paper_memory
 def test_fit_memory_does_not_grow_with_the_training_set(tmp_path):
     """Peak memory of a paper-profile fit (ViT-B widths, 16-px patches, 224 px, dry-run caps; 2 + 2 layers
     so that it takes seconds) grows by less than 30 MB from 16 to 128 training images. Holding the images

@@ -138,6 +138,7 @@ def test_fit_and_prediction_on_the_meta_device():
     assert scores.shape == (2,) and maps.shape == (2, 1, 256, 256) and maps.device.type == "meta"
 
 
+@pytest.mark.paper_memory
 def test_fit_memory_does_not_grow_with_the_training_set(tmp_path):
     """A paper-profile fit at 256 px with a bank capped at 2,000 patches. The old fit kept every patch of
     every image before subsampling (here EfficientNet-Lite0's stride-4 and -8 stages, 64 channels on

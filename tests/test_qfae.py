@@ -417,6 +417,7 @@ def test_step_cost_adds_up_to_the_whole_step(tiny_vit):
     assert mae_only.flops < train_step.flops  # no perceptual network in the MAE loss's step
 
 
+@pytest.mark.paper_memory
 def test_fit_memory_does_not_grow_with_the_training_set(tmp_path, monkeypatch):
     """The paper path (augmentation, the encoder on every batch) streams the training set: the peak memory of a fit
     at 224 px grows by less than 30 MB from 192 to 768 images (holding them would add 350 MB of images alone).

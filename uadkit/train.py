@@ -53,7 +53,10 @@ def autocast(device: str, enabled: bool):
 # ``import torch`` but before the first computation still counts). On the book's 2-core machine each was
 # measured (a conv/attention network, 100 AdamW steps, parameters hashed):
 # * the thread count changes the result under every kernel setting (reductions are split per thread),
-#   so the count is fixed rather than taken from the machine;
+#   so the count is fixed rather than taken from the machine: one thread, because the smoke profile's
+#   small networks gain next to nothing from a second one (two chapters side by side at one thread each
+#   took 149 s and 166 s, one after the other at two threads 170 s and 163 s), so two cores run two
+#   chapters at once;
 # * oneDNN's ISA cap changes the result (convolutions and linear layers otherwise use the widest
 #   vector unit the CPU has), so a machine with AVX-512 and one with AVX2 only run the same kernels;
 # * oneMKL's conditional numerical reproducibility changed LAPACK results (SVD), not GEMM, here; it
@@ -66,13 +69,13 @@ def autocast(device: str, enabled: bool):
 # (ResNet-50, one thread: 1.86 s against 0.06 s), so the paper profile's dry run, which trains under
 # bf16 autocast and checks no numbers, sets UADKIT_CPU_PINS=0 and keeps the machine's kernels.
 CPU_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
-DEFAULT_THREADS = 2
+DEFAULT_THREADS = 1
 
 
 def pin_cpu(threads: int | None = None) -> int:
     """Pin what makes CPU results depend on the machine: the math libraries' kernel sets
     (:data:`CPU_PINS`, unless already set or ``$UADKIT_CPU_PINS`` is 0) and torch's thread count: ``threads``, else
-    ``$UADKIT_THREADS``, else 2 (0 = the machine's count). Returns the thread count in force.
+    ``$UADKIT_THREADS``, else 1 (0 = the machine's count). Returns the thread count in force.
     Where CUDA is available the thread count is left alone (the GPU computes the results)."""
     if os.environ.get("UADKIT_CPU_PINS", "1") != "0":  # 0: the machine's widest kernels (fast bf16; the dry run)
         for key, value in CPU_PINS.items():
@@ -302,7 +305,7 @@ def fit(model: torch.nn.Module, loss_fn: Callable, loader, *, epochs: int, optim
         if scheduler is not None:
             scheduler.step()
         history.append(total / max(count, 1))
-        bar.set_postfix(loss=f"{history[-1]:.4g}")
+        bar.set_postfix(loss=f"{history[-1]:.4g}", refresh=False)  # a redraw per epoch would defeat mininterval
         if path is not None:
             extra = {"scheduler": scheduler.state_dict()} if scheduler is not None else {}
             if gen is not None:

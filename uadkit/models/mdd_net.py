@@ -99,7 +99,7 @@ class MDDConfig:
 
         if get(profile).is_smoke:
             base = cls(backbone="efficientnet_lite0", layers=(1, 2, 3), dim=32, neck_stride=1, memory_items=48,
-                       epochs=12, lr=3e-3, cosine_lr=True, batch_size=16)
+                       epochs=8, lr=3e-3, cosine_lr=True, batch_size=16)
         else:
             base = cls()
         return dataclasses.replace(base, **overrides)
