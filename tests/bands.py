@@ -38,12 +38,16 @@ from nbval_tolerance import (NUMBER, VERDICT, _texts, cell_bands, cell_open_verd
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
-MARK = "# NBVAL_CHECK_OUTPUT"
+CHECK_TAG = "nbval-check-output"  # nbval compares the outputs of cells with this tag
 K = 3.0
 
 
 def checked_cells(nb) -> dict[str, dict]:
-    return {c["id"]: c for c in nb.cells if c.cell_type == "code" and MARK in c.source}
+    return {c["id"]: c for c in nb.cells if c.cell_type == "code" and CHECK_TAG in c.metadata.get("tags", [])}
+
+
+def cells_by_id(nb) -> dict[str, dict]:
+    return {c["id"]: c for c in nb.cells if c.cell_type == "code"}
 
 
 def _comparable(outputs) -> dict[str, str]:
@@ -110,7 +114,7 @@ def measure(run_dirs: list[Path], notebooks: list[Path]) -> int:
             print(f"{path.name}: no runs, skipped")
             continue
         nb = nbformat.read(path, 4)
-        run_cells = [checked_cells(r) for r in runs]
+        run_cells = [cells_by_id(r) for r in runs]  # a run's cell is found by its id, whatever it is tagged
         for cid, cell in checked_cells(nb).items():
             bands, opened, notes = {}, {}, []
             for key, ref_text in _comparable(cell.outputs).items():
@@ -145,7 +149,7 @@ def check(run_dir: Path, notebooks: list[Path]) -> int:
         run_path = run_dir / path.name
         if not run_path.is_file():
             continue
-        committed, run = checked_cells(nbformat.read(path, 4)), checked_cells(nbformat.read(run_path, 4))
+        committed, run = checked_cells(nbformat.read(path, 4)), cells_by_id(nbformat.read(run_path, 4))
         for cid, cell in committed.items():
             bands, opened, ref = cell_bands(cell), cell_open_verdicts(cell), _comparable(cell.outputs)
             new = _comparable(run[cid].outputs) if cid in run else {}

@@ -3,7 +3,7 @@
 A chapter trains small models on the CPU. Another seed, another CPU or another kernel set
 (``ATEN_CPU_CAPABILITY=default``) gives other digits: float sums round differently, and after a
 few hundred optimiser steps an AUROC printed as 0.97 can come out as 0.95. A checked cell
-(``# NBVAL_CHECK_OUTPUT``) should fail on a regression, not on such drift, so each checked cell
+(cell tag ``nbval-check-output``) should fail on a regression, not on such drift, so each checked cell
 carries in its metadata the band of every number it prints, measured by ``tests/bands.py``::
 
     cell.metadata["uadkit"]["bands"] = {"stdout": [0.0, 0.031, 0.012, ...], "text/plain:0": [...]}

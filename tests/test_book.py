@@ -14,6 +14,11 @@ def _code_cells(nb_path):
     return [c for c in json.loads(nb_path.read_text())["cells"] if c["cell_type"] == "code"]
 
 
+def is_checked(cell) -> bool:
+    """nbval compares this cell's outputs with the committed ones (within bands: nbval_tolerance.py)."""
+    return "nbval-check-output" in cell.get("metadata", {}).get("tags", [])
+
+
 def test_every_notebook_is_in_the_toc():
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     files = {toc["root"]} | {c["file"] for c in toc.get("chapters", [])}
@@ -56,8 +61,9 @@ def test_committed_executed_with_checked_numbers(nb):
     cells = _code_cells(nb)
     assert all(c["execution_count"] is not None for c in cells if "".join(c["source"]).strip())
     assert not any(o.get("output_type") == "error" for c in cells for o in c.get("outputs", []))
-    checked = [c for c in cells if "# NBVAL_CHECK_OUTPUT" in "".join(c["source"])]
+    checked = [c for c in cells if is_checked(c)]
     assert checked and all(c["outputs"] for c in checked)
+    assert not any("NBVAL_" in "".join(c["source"]) for c in cells)  # checked by tag, not by a comment readers see
     assert max(len("".join(c["source"]).splitlines()) for c in cells) <= 40
 
 
@@ -115,7 +121,7 @@ def test_every_checked_cell_has_bands_that_fit_its_output(nb):
     from nbval_tolerance import VERDICT, _texts, cell_bands, cell_open_verdicts, coalesce, numbers
 
     for c in _code_cells(nb):
-        if "# NBVAL_CHECK_OUTPUT" not in "".join(c["source"]):
+        if not is_checked(c):
             continue
         bands, texts = cell_bands(c), _texts(coalesce(c["outputs"]))
         where = f"{nb.name} cell {c.get('id')}: "
@@ -139,3 +145,25 @@ def test_a_wrong_chapter_parameter_stops_at_once_listing_the_valid_values(tmp_pa
                                    parameters={"benchmark": "foo"}, cwd=str(ROOT / "book"), kernel_name="python3",
                                    progress_bar=False)
     assert time.perf_counter() - t < 120
+
+
+def test_nbval_checks_a_tagged_cell_and_only_that(tmp_path):
+    """The tag, not a comment in the code, makes nbval --nbval-lax compare a cell's output."""
+    import subprocess
+    import sys
+
+    import nbformat
+    from nbformat import v4
+
+    def run(printed_by_checked: str) -> int:
+        checked = v4.new_code_cell("print(1 + 1)", metadata={"tags": ["nbval-check-output"]}, execution_count=1,
+                                   outputs=[v4.new_output("stream", name="stdout", text=printed_by_checked)])
+        free = v4.new_code_cell("print(3)", execution_count=2, outputs=[v4.new_output("stream", name="stdout", text="not 3\n")])
+        path = tmp_path / "t.ipynb"
+        nbformat.write(v4.new_notebook(cells=[checked, free]), path)
+        return subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                                "--nbval-lax", "--nbval-current-env", "--rootdir", str(tmp_path), str(path)],
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    assert run("2\n") == 0  # the untagged cell's wrong output is not compared
+    assert run("5\n") != 0
