@@ -1,29 +1,14 @@
 #!/usr/bin/env python3
-"""CIFAR-10 and CIFAR-100 (Krizhevsky, 2009) in torchvision's on-disk format:
-$UADKIT_DATA/cifar10/cifar-10-batches-py/ and $UADKIT_DATA/cifar100/cifar-100-python/.
-
-    python data_scripts/cifar.py [--root DIR] [--force] [--only cifar10|cifar100]
-"""
+"""CIFAR-10 and CIFAR-100: the code lives in ``uadkit.fetch.cifar``, and ``python -m uadkit.fetch cifar``
+does the same (same arguments; ``--help`` shows them)."""
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _fetch import fetch, parser  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's uadkit, installed or not
 
-SOURCES = {  # the publisher gives md5 sums (the same ones torchvision checks)
-    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "md5:c58f30108f718f92721af3b95e74349a"),
-    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "md5:eb9058c3a382ffc7106e4002c42a8d85"),
-}
-
-
-def main(argv=None):
-    p = parser(__doc__)
-    p.add_argument("--only", choices=sorted(SOURCES))
-    args = p.parse_args(argv)
-    for name, (url, checksum) in SOURCES.items():
-        if args.only in (None, name):
-            print(f"{name} ready in {fetch(url, checksum, args.root / name, force=args.force)}")
-
+from uadkit.fetch._core import install_excepthook  # noqa: E402
+from uadkit.fetch.cifar import main  # noqa: E402
 
 if __name__ == "__main__":
+    install_excepthook()
     main()

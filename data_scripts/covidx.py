@@ -1,40 +1,14 @@
 #!/usr/bin/env python3
-"""Covid-X chest X-rays (COVIDx CXR, Wang et al. 2020) into $UADKIT_DATA/covidx/.
-
-COVIDx is distributed through Kaggle, which needs an account, so this script cannot download
-it. Download the COVIDx CXR release by hand (kaggle.com/datasets/andyczhao/covidx-cxr2, or
-build it with github.com/lindawangg/COVID-Net), then unpack it so that
-
-    $UADKIT_DATA/covidx/train/  $UADKIT_DATA/covidx/test/  train.txt  test.txt
-
-exist (the label files: '<patient id> <file> <positive|negative> <source>' per line), and run
-this script to check the layout. Licence: see the COVIDx sources (mixed; research use).
-    python data_scripts/covidx.py [--root DIR]
-"""
+"""Covid-X: the code lives in ``uadkit.fetch.covidx``, and ``python -m uadkit.fetch covidx``
+does the same (same arguments; ``--help`` shows them)."""
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _fetch import parser  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's uadkit, installed or not
 
-MANUAL = "https://www.kaggle.com/datasets/andyczhao/covidx-cxr2"
-
-
-def check(root: Path) -> str | None:
-    """None when the layout is complete, else what is missing."""
-    base = root / "covidx"
-    missing = [p for p in ("train", "test", "train.txt", "test.txt") if not (base / p).exists()]
-    return f"missing in {base}: {', '.join(missing)}" if missing else None
-
-
-def main(argv=None):
-    args = parser(__doc__).parse_args(argv)
-    problem = check(args.root)
-    if problem:
-        sys.exit(f"Covid-X needs a manual download (Kaggle account): {MANUAL}\n{problem}\n"
-                 "Unpack train/, test/, train.txt and test.txt there, then re-run this script.")
-    print(f"Covid-X ready in {args.root / 'covidx'}")
-
+from uadkit.fetch._core import install_excepthook  # noqa: E402
+from uadkit.fetch.covidx import main  # noqa: E402
 
 if __name__ == "__main__":
+    install_excepthook()
     main()

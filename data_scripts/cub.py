@@ -1,23 +1,14 @@
 #!/usr/bin/env python3
-"""CUB-200-2011 (Wah, Branson, Welinder, Perona & Belongie, 2011), the published archive unpacked to
-$UADKIT_DATA/cub200/CUB_200_2011/ (images.txt, image_class_labels.txt, train_test_split.txt, images/).
-
-    python data_scripts/cub.py [--root DIR] [--force]
-"""
+"""CUB-200-2011: the code lives in ``uadkit.fetch.cub``, and ``python -m uadkit.fetch cub``
+does the same (same arguments; ``--help`` shows them)."""
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _fetch import fetch, parser  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's uadkit, installed or not
 
-URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
-CHECKSUM = "md5:97eceeb196236b17998738112f37df78"  # the md5 torchvision-style loaders check
-
-
-def main(argv=None):
-    args = parser(__doc__).parse_args(argv)
-    print(f"cub200 ready in {fetch(URL, CHECKSUM, args.root / 'cub200', force=args.force)}")
-
+from uadkit.fetch._core import install_excepthook  # noqa: E402
+from uadkit.fetch.cub import main  # noqa: E402
 
 if __name__ == "__main__":
+    install_excepthook()
     main()

@@ -1,31 +1,14 @@
 #!/usr/bin/env python3
-"""Hyper-Kvasir (Borgli et al., Scientific Data 2020) into $UADKIT_DATA/hyper-kvasir/.
-
-Two archives from the official site (https://datasets.simula.no/hyper-kvasir/):
-the labelled images (about 3.9 GB; the normal classes cecum, ileum and bbps-2-3 are in it)
-and the 1,000 segmented polyp images with their masks (about 46 MB).
-Licence: CC BY 4.0. The publisher gives no checksum: the script prints the sha256 it got.
-    python data_scripts/hyper_kvasir.py [--root DIR] [--force]
-"""
+"""Hyper-Kvasir: the code lives in ``uadkit.fetch.hyper_kvasir``, and ``python -m uadkit.fetch hyper_kvasir``
+does the same (same arguments; ``--help`` shows them)."""
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _fetch import fetch, parser  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's uadkit, installed or not
 
-BASE = "https://datasets.simula.no/downloads/hyper-kvasir/"
-SOURCES = {
-    "labeled": (BASE + "hyper-kvasir-labeled-images.zip", None),
-    "segmented": (BASE + "hyper-kvasir-segmented-images.zip", None),
-}
-
-
-def main(argv=None):
-    args = parser(__doc__).parse_args(argv)
-    for part, (url, checksum) in SOURCES.items():
-        fetch(url, checksum, args.root / "hyper-kvasir" / part, force=args.force)
-    print(f"Hyper-Kvasir ready in {args.root / 'hyper-kvasir'}")
-
+from uadkit.fetch._core import install_excepthook  # noqa: E402
+from uadkit.fetch.hyper_kvasir import main  # noqa: E402
 
 if __name__ == "__main__":
+    install_excepthook()
     main()

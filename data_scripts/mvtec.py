@@ -1,25 +1,14 @@
 #!/usr/bin/env python3
-"""MVTec AD (Bergmann et al., CVPR 2019) into $UADKIT_DATA/mvtec/<category>/.
-
-Licence: CC BY-NC-SA 4.0 (non-commercial). About 5 GB.
-    python data_scripts/mvtec.py [--root DIR] [--force]
-"""
+"""MVTec AD: the code lives in ``uadkit.fetch.mvtec``, and ``python -m uadkit.fetch mvtec``
+does the same (same arguments; ``--help`` shows them)."""
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _fetch import fetch, parser  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's uadkit, installed or not
 
-URL = ("https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/"
-       "download/420938113-1629952094/mvtec_anomaly_detection.tar.xz")
-CHECKSUM = "sha256:cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
-
-
-def main(argv=None):
-    args = parser(__doc__).parse_args(argv)
-    target = fetch(URL, CHECKSUM, args.root / "mvtec", force=args.force)
-    print(f"MVTec AD ready in {target}")
-
+from uadkit.fetch._core import install_excepthook  # noqa: E402
+from uadkit.fetch.mvtec import main  # noqa: E402
 
 if __name__ == "__main__":
+    install_excepthook()
     main()

@@ -1,28 +1,14 @@
 #!/usr/bin/env python3
-"""VisA (Zou et al., ECCV 2022) into $UADKIT_DATA/visa/, with the official split file split_csv/1cls.csv.
-
-Licence: CC BY 4.0. About 2 GB.
-    python data_scripts/visa.py [--root DIR] [--force]
-"""
+"""VisA: the code lives in ``uadkit.fetch.visa``, and ``python -m uadkit.fetch visa``
+does the same (same arguments; ``--help`` shows them)."""
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _fetch import download, fetch, parser  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's uadkit, installed or not
 
-URL = "https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar"
-CHECKSUM = "md5:ef908989b6dc701fc218f643c127a4de"
-SPLIT_URL = "https://raw.githubusercontent.com/amazon-science/spot-diff/main/split_csv/1cls.csv"
-
-
-def main(argv=None):
-    args = parser(__doc__).parse_args(argv)
-    target = fetch(URL, CHECKSUM, args.root / "visa", force=args.force)
-    split = target / "split_csv" / "1cls.csv"
-    if not split.is_file():  # the archive's own copy is used when present
-        download(SPLIT_URL, split, checksum=None)
-    print(f"VisA ready in {target}")
-
+from uadkit.fetch._core import install_excepthook  # noqa: E402
+from uadkit.fetch.visa import main  # noqa: E402
 
 if __name__ == "__main__":
+    install_excepthook()
     main()

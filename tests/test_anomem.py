@@ -209,7 +209,7 @@ def test_cub_loader_on_a_fake_tree(tmp_path):
 
 
 def test_cub_loader_fails_fast_naming_the_script(tmp_path):
-    with pytest.raises(DatasetUnavailable, match="data_scripts/cub.py"):
+    with pytest.raises(DatasetUnavailable, match="python -m uadkit.fetch cub --root"):
         get_dataset("cub200/0", "train", root=tmp_path)
 
 

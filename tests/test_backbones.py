@@ -58,7 +58,7 @@ def test_random_weights_differ_from_pretrained():
 def test_missing_weights_fail_fast_and_name_the_script(name, tmp_path, monkeypatch):
     monkeypatch.setenv("UADKIT_WEIGHTS", str(tmp_path))
     t = time.perf_counter()
-    with pytest.raises(backbones.WeightsUnavailable, match="data_scripts/fetch_weights.py"):
+    with pytest.raises(backbones.WeightsUnavailable, match="python -m uadkit.fetch weights"):
         backbones.create(name)
     assert time.perf_counter() - t < 5
 
@@ -104,18 +104,14 @@ def test_a_corrupt_weights_file_is_an_error_naming_it(tmp_path, monkeypatch):
     path = backbones.weights_path("resnet18")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"PK\x03\x04 half a download")
-    with pytest.raises(backbones.WeightsUnavailable, match=f"{path.name}.*cannot be read.*fetch_weights.py resnet18"):
+    with pytest.raises(backbones.WeightsUnavailable, match=f"{path.name}.*cannot be read.*uadkit.fetch weights resnet18"):
         backbones.create("resnet18")
 
 
 def test_fetch_weights_fails_fast_offline():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data_scripts"))
-    import fetch_weights
+    from uadkit.fetch import weights
 
     t = time.perf_counter()
     with pytest.raises(SystemExit, match="cannot reach"):
-        fetch_weights._reachable_or_exit("uadkit-unreachable.invalid", timeout=2)
+        weights._reachable_or_exit("uadkit-unreachable.invalid", timeout=2)
     assert time.perf_counter() - t < 4

@@ -59,7 +59,7 @@ def test_mvtec_via_environment(tmp_path, monkeypatch):
 def test_mvtec_errors(tmp_path):
     with pytest.raises(UnknownDataset, match="bottle"):
         get_dataset("mvtec/bottel", "train", root=tmp_path)
-    with pytest.raises(DatasetUnavailable, match="data_scripts/mvtec.py"):
+    with pytest.raises(DatasetUnavailable, match="python -m uadkit.fetch mvtec --root"):
         get_dataset("mvtec/bottle", "train", root=tmp_path)
     base = make_mvtec_tree(tmp_path)
     (base / "ground_truth" / "contamination" / "000_mask.png").unlink()
@@ -114,7 +114,7 @@ def test_visa_split_csv(tmp_path):
     assert list(test.labels) == [0, 1] and test[1]["mask"].sum() == 16
     with pytest.raises(DatasetUnavailable, match="no 'train' rows"):
         get_dataset("visa/pcb1", "train", root=tmp_path)
-    with pytest.raises(DatasetUnavailable, match="data_scripts/visa.py"):
+    with pytest.raises(DatasetUnavailable, match="python -m uadkit.fetch visa --root"):
         get_dataset("visa/candle", "train", root=tmp_path / "elsewhere")
 
 
@@ -157,7 +157,7 @@ def test_cifar_one_vs_all(fake_cifar):
 
 def test_cifar_missing_names_the_script(tmp_path):
     oneclass._arrays.cache_clear()
-    with pytest.raises(DatasetUnavailable, match="data_scripts/cifar.py"):
+    with pytest.raises(DatasetUnavailable, match="python -m uadkit.fetch cifar --root"):
         get_dataset("cifar10/0", "train", root=tmp_path)
 
 

@@ -1,11 +1,9 @@
 """uadkit.data.fake: the fake trees are read by the real loaders, look like the real sets on disk
 (layouts, formats, image modes, completion markers), and are built deterministically, once."""
 import csv
-import importlib.util
 import json
 import pickle
 import shutil
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -17,21 +15,7 @@ from PIL import Image
 
 from uadkit.data import UnknownDataset, fake, get_dataset
 from uadkit.data.folders import MVTEC_CATEGORIES, VISA_CATEGORIES
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "data_scripts"
-
-
-def _script(name):
-    """A data_scripts/ module, imported without leaving its sys.path entries behind."""
-    saved = list(sys.path)
-    try:
-        spec = importlib.util.spec_from_file_location(f"_test_fake_{name}", SCRIPTS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = saved
-    return module
-
+from uadkit.fetch import bmad, covidx
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
@@ -100,7 +84,7 @@ def test_each_defect_is_where_its_mask_is(root, name):
 def test_mvtec_on_disk(root):
     base = root / "mvtec"
     assert sorted(p.name for p in base.iterdir() if p.is_dir()) == sorted(MVTEC_CATEGORIES)
-    assert (base / ".uadkit-complete").is_file()  # what data_scripts/_fetch.py leaves in an unpacked tree
+    assert (base / ".uadkit-complete").is_file()  # what uadkit.fetch leaves in an unpacked tree
     for cat in MVTEC_CATEGORIES:
         mode = "L" if cat in ("grid", "screw", "zipper") else "RGB"
         images = sorted((base / cat).glob("t*/*/*.png"))
@@ -168,10 +152,9 @@ def test_cifar_pickles_are_like_the_python2_originals(root):
 
 
 def test_bmad_on_disk(root):
-    bmad = _script("bmad")
     base = root / "bmad"
     for folder, masked in bmad.SETS.items():
-        assert bmad.check(root, folder) is None  # the script's own layout check
+        assert bmad.check(root, folder) is None  # the command's own layout check
         for img in (base / folder).glob("*/*/img/*"):
             with Image.open(img) as im:
                 assert im.format == "PNG" and im.mode == "L", img
@@ -179,21 +162,23 @@ def test_bmad_on_disk(root):
             assert label.is_file() == (masked and img.parts[-4] != "train"), img
         assert (base / folder / "valid" / "Ungood" / "img").is_dir()
     roi = base / "Liver_roi"
-    assert (roi / ".uadkit-complete").is_file()  # written by data_scripts/bmad.py's liver_roi
+    assert (roi / ".uadkit-complete").is_file()  # written by uadkit.fetch.bmad's liver_roi
     with Image.open(next((roi / "test" / "Ungood" / "img").iterdir())) as im:
         assert im.size == (224, 224) and im.mode == "L"
 
 
-def test_liver_roi_without_the_script_writes_the_same(root, tmp_path):
+def test_the_bmad_command_writes_the_same_liver_roi(root, tmp_path, capsys):
+    """The fake tree's Liver_roi is what ``python -m uadkit.fetch bmad --liver-roi`` writes from its Liver."""
     shutil.copytree(root / "bmad" / "Liver", tmp_path / "bmad" / "Liver")
-    fake._liver_roi(tmp_path, script=tmp_path / "no-such-script.py")
+    bmad.main(["--root", str(tmp_path), "--liver-roi"])
+    assert "Liver  ready" in capsys.readouterr().out
     got, want = _files(tmp_path / "bmad" / "Liver_roi"), _files(root / "bmad" / "Liver_roi")
     assert list(got) == list(want)
     assert all(got[k].read_bytes() == want[k].read_bytes() for k in got)
 
 
 def test_covidx_on_disk(root):
-    assert _script("covidx").check(root) is None
+    assert covidx.check(root) is None
     base = root / "covidx"
     for split in ("train", "test"):
         lines = [line.split() for line in (base / f"{split}.txt").read_text().splitlines()]

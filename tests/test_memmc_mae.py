@@ -182,7 +182,7 @@ def test_covidx_loader(tmp_path):
     assert len(train) == 2 and train.labels.sum() == 0  # negatives only
     assert list(test.labels) == [1, 0] and not test.has_masks
     assert train[0]["image"].shape == (3, 16, 16)
-    with pytest.raises(DatasetUnavailable, match="data_scripts/covidx.py"):
+    with pytest.raises(DatasetUnavailable, match="python -m uadkit.fetch covidx --root"):
         get_dataset("covidx/all", "train", root=tmp_path / "elsewhere")
     with pytest.raises(UnknownDataset, match="all"):
         get_dataset("covidx/cxr", "train", root=tmp_path)
@@ -202,7 +202,7 @@ def test_hyper_kvasir_loader(tmp_path):
     assert mask.shape == (1, 20, 20) and mask.sum() == 200  # top half; the faint noise is not anomalous
     with pytest.raises(DatasetUnavailable, match="n_train"):
         get_dataset("hyper-kvasir/all", "train", root=tmp_path, n_train=1600)
-    with pytest.raises(DatasetUnavailable, match="hyper_kvasir.py"):
+    with pytest.raises(DatasetUnavailable, match="python -m uadkit.fetch hyper_kvasir --root"):
         get_dataset("hyper-kvasir/all", "train", root=tmp_path / "elsewhere")
     (base / "segmented" / "segmented-images" / "masks" / "p1.png").unlink()
     with pytest.raises(DatasetUnavailable, match="no mask"):
@@ -223,19 +223,18 @@ def test_paper_profile_on_a_fake_kvasir_tree(tmp_path):
     assert scores.shape == (4,) and maps.shape == (4, 1, 32, 32) and torch.isfinite(maps).all()
 
 
-def test_data_scripts_fail_fast_offline(tmp_path):
+def test_fetch_commands_fail_fast_offline(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "data_scripts" / "covidx.py"
-    out = subprocess.run([sys.executable, str(script), "--root", str(tmp_path)], capture_output=True, text=True,
-                         timeout=60)
+    command = [sys.executable, "-m", "uadkit.fetch", "covidx", "--root", str(tmp_path)]
+    cwd = Path(__file__).resolve().parents[1]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=cwd)
     assert out.returncode != 0 and "kaggle" in out.stderr.lower() and "train.txt" in out.stderr
     make_covidx_tree(tmp_path)
-    assert subprocess.run([sys.executable, str(script), "--root", str(tmp_path)], timeout=60).returncode == 0
-    sys.path.insert(0, str(script.parent))
-    import hyper_kvasir
+    assert subprocess.run(command, timeout=60, cwd=cwd).returncode == 0
+    from uadkit.fetch import hyper_kvasir
 
     for url, _ in hyper_kvasir.SOURCES.values():
         assert url.startswith("https://datasets.simula.no/")

@@ -256,7 +256,7 @@ def test_bmad_loader(tmp_path):
     item = test[4]
     assert item["image"].shape == (3, 20, 20) and item["mask"].shape == (1, 20, 20)
     assert item["mask"].sum() == 25 and test[0]["mask"].sum() == 0  # 10×10 of 40×40 → 5×5 of 20×20
-    with pytest.raises(DatasetUnavailable, match="data_scripts/bmad.py"):
+    with pytest.raises(DatasetUnavailable, match="python -m uadkit.fetch bmad --root"):
         get_dataset("bmad/resc", "train", root=tmp_path)
     with pytest.raises(UnknownDataset, match="brats2021"):
         get_dataset("bmad/brain", "train", root=tmp_path)
@@ -268,10 +268,10 @@ def test_bmad_loader(tmp_path):
         get_dataset("bmad/brats2021", "test", root=tmp_path)
 
 
-def test_bmad_script_checks_the_layout_and_writes_the_liver_roi(tmp_path):
-    script = Path(__file__).resolve().parents[1] / "data_scripts" / "bmad.py"
-    run = lambda *a: subprocess.run([sys.executable, str(script), "--root", str(tmp_path), *a],  # noqa: E731
-                                    capture_output=True, text=True, timeout=120)
+def test_bmad_command_checks_the_layout_and_writes_the_liver_roi(tmp_path):
+    command = [sys.executable, "-m", "uadkit.fetch", "bmad", "--root", str(tmp_path)]
+    run = lambda *a: subprocess.run([*command, *a], capture_output=True, text=True, timeout=120,  # noqa: E731
+                                    cwd=Path(__file__).resolve().parents[1])
     out = run()
     assert out.returncode != 0 and "DorisBao/BMAD" in out.stderr and "NOT READY" in out.stdout
     make_bmad_tree(tmp_path, "Liver")

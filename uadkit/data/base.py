@@ -63,10 +63,11 @@ def cache_dir() -> Path:
     return path
 
 
-def missing_root_error(name: str, root: Path, script: str) -> DatasetUnavailable:
+def missing_root_error(name: str, root: Path, command: str) -> DatasetUnavailable:
+    """``command``: the ``python -m uadkit.fetch`` name that prepares the dataset."""
     return DatasetUnavailable(
         f"{name}: no dataset at {root}. Prepare it with\n"
-        f"    python data_scripts/{script} --root {root.parent}\n"
+        f"    python -m uadkit.fetch {command} --root {root.parent}\n"
         f"(or set UADKIT_DATA to the folder that holds '{root.name}/')."
     )
 

@@ -1,6 +1,6 @@
 """CUB-200-2011 (Wah et al., 2011) one-vs-all, read from the published archive's layout:
 ``$UADKIT_DATA/cub200/CUB_200_2011/{images.txt, image_class_labels.txt, train_test_split.txt, images/}``,
-as ``python data_scripts/cub.py`` leaves it. Classes are numbered 0..199 (the files count from 1).
+as ``python -m uadkit.fetch cub`` leaves it. Classes are numbered 0..199 (the files count from 1).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _index(base: Path) -> list[tuple[str, int, bool]]:
     missing = [f for f in _FILES if not (base / f).is_file()]
     if missing:
         raise DatasetUnavailable(f"cub200: {base / missing[0]} not found. Prepare it with\n"
-                                 f"    python data_scripts/cub.py --root {base.parent.parent}")
+                                 f"    python -m uadkit.fetch cub --root {base.parent.parent}")
     images, classes, split = (_table(base / f) for f in _FILES)
     return [(str(base / "images" / images[i]), int(classes[i]) - 1, split[i] == "1") for i in sorted(images)]
 

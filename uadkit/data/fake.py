@@ -2,8 +2,8 @@
 
 The book's paper profile reads real datasets from ``$UADKIT_DATA`` through the loaders of
 :mod:`uadkit.data`. Offline (CI, a laptop) there are none, so :func:`build` writes a few tiny,
-deterministic images per split in exactly the layout and file formats that ``data_scripts/*.py``
-leave on disk; the real loaders then read them unchanged (see :mod:`uadkit.dryrun`).
+deterministic images per split in exactly the layout and file formats that ``python -m uadkit.fetch``
+leaves on disk; the real loaders then read them unchanged (see :mod:`uadkit.dryrun`).
 **Every image is synthetic** (smooth noise plus a pattern; each anomalous image has a visible
 defect exactly where its mask is non-zero): nothing computed on these trees is a result.
 
@@ -25,7 +25,7 @@ Layouts, one item each (under ``root``; "N/a+b": N train images, a normal + b an
   5 train + 2 test images per class, CIFAR-100 2 + 2 per fine class (real names and super-class mapping).
 * ``bmad/{Brain,Liver,RESC,Chest}/train/good/img/``, ``{valid,test}/{good,Ungood}/img/*.png`` (L) + ``.../label/``
   masks of the same name (0/255; none for Chest), Liver slices 256 px; ``bmad/Liver_roi/`` written by
-  ``data_scripts/bmad.py``'s ``--liver-roi`` code; 5/2+3 (valid 2+2).
+  ``python -m uadkit.fetch bmad --liver-roi``'s code; 5/2+3 (valid 2+2).
 * ``covidx/{train,test}/*.png|jpg`` (L) + ``{train,test}.txt`` (``<patient id> <file> <positive|negative>
   <source>``): train 6 negative + 2 positive (the loader keeps the negatives), test 2+2.
 * ``hyper-kvasir/labeled/labeled-images/lower-gi-tract/``: ``anatomical-landmarks/{cecum,ileum}/<uuid>.jpg`` and
@@ -35,7 +35,7 @@ Layouts, one item each (under ``root``; "N/a+b": N train images, a normal + b an
 * ``cub200/CUB_200_2011/{images,image_class_labels,train_test_split,classes,bounding_boxes}.txt`` +
   ``images/NNN.<Class_name>/*.jpg``: the 200 real class names, 2 train + 2 test 32-px JPEGs each.
 
-Trees that ``data_scripts/_fetch.py`` unpacks also get its ``.uadkit-complete`` marker. Each kind's folder
+Trees that ``uadkit.fetch`` unpacks also get its ``.uadkit-complete`` marker. Each kind's folder
 gets a ``.uadkit-fake`` marker (kind, seed, options): a second :func:`build` with the same arguments
 returns at once, other arguments rebuild it, and a folder without the marker (a real dataset) is
 never written into.
@@ -44,13 +44,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib.util
 import io
 import json
 import os
 import shutil
 import struct
-import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -58,6 +56,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..fetch._core import MARKER as COMPLETE  # what uadkit.fetch writes into a tree it unpacked
 from .base import UnknownDataset
 from .folders import MVTEC_CATEGORIES, VISA_CATEGORIES
 
@@ -65,7 +64,6 @@ __all__ = ["build", "build_all", "KINDS", "MARKER"]
 
 KINDS: tuple[str, ...] = ("mvtec", "visa", "cifar10", "cifar100", "bmad", "covidx", "hyper-kvasir", "cub200")
 MARKER = ".uadkit-fake"
-COMPLETE = ".uadkit-complete"  # what data_scripts/_fetch.py writes into a tree it unpacked
 _FORMAT = 1  # bump when a layout changes: older fake trees are then rebuilt
 
 # --------------------------------------------------------------------------- pictures
@@ -489,37 +487,12 @@ def _bmad(out: Path, seed: int, *, size: int = 64) -> None:
     _liver_roi(out.parent)
 
 
-_BMAD_SCRIPT = Path(__file__).resolve().parents[2] / "data_scripts" / "bmad.py"
+def _liver_roi(root: Path) -> None:
+    """``bmad/Liver_roi`` from ``bmad/Liver``, by the code of ``python -m uadkit.fetch bmad --liver-roi``."""
+    from ..fetch.bmad import liver_roi
 
-
-def _liver_roi(root: Path, script: Path = _BMAD_SCRIPT) -> None:
-    """``bmad/Liver_roi`` from ``bmad/Liver``, by ``data_scripts/bmad.py``'s own ``liver_roi`` when this is a
-    checkout (the code path of ``--liver-roi``), else by the same steps with :func:`liver_ct_roi`."""
-    if script.is_file():
-        saved = list(sys.path)
-        try:
-            spec = importlib.util.spec_from_file_location("_uadkit_data_scripts_bmad", script)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        finally:
-            sys.path[:] = saved  # the script puts data_scripts/ and the checkout on sys.path
-        with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
-            module.liver_roi(root, force=True)
-        return
-    from ..models.qfae import liver_ct_roi
-
-    src, dst = root / "bmad" / "Liver", root / "bmad" / "Liver_roi"
-    for img in sorted(src.glob("*/*/img/*.png")):
-        mask_path = img.parent.parent / "label" / img.name
-        mask = np.asarray(Image.open(mask_path).convert("L")) if mask_path.is_file() else None
-        res = liver_ct_roi(np.asarray(Image.open(img).convert("L")), mask)
-        rel = img.relative_to(src)
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(res[0] if mask is not None else res).save(dst / rel)
-        if mask is not None:
-            (dst / rel.parent.parent / "label").mkdir(parents=True, exist_ok=True)
-            Image.fromarray(res[1]).save(dst / rel.parent.parent / "label" / img.name)
-    (dst / COMPLETE).write_text("ok\n")
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+        liver_roi(root, force=True)
 
 
 # --------------------------------------------------------------------------- Covid-X

@@ -90,7 +90,7 @@ def mvtec(category: str, split: str, *, root=None, image_size: int | None = 256)
         raise UnknownDataset(f"unknown MVTec AD category {category!r}; valid: {', '.join(MVTEC_CATEGORIES)}")
     base = data_root(root) / "mvtec"
     if not (base / category).is_dir():
-        raise missing_root_error(f"mvtec/{category}", base, "mvtec.py")
+        raise missing_root_error(f"mvtec/{category}", base, "mvtec")
     records, _ = _mvtec_records(base / category, split, f"mvtec/{category}", name=f"mvtec/{category}")
     return FileDataset(records, image_size=image_size, name=f"mvtec/{category}", masks_expected=True)
 
@@ -103,7 +103,7 @@ def visa(category: str, split: str, *, root=None, image_size: int | None = 256,
     base = data_root(root) / "visa"
     csv_path = base / split_file
     if not csv_path.is_file():
-        raise missing_root_error(f"visa/{category}", base, "visa.py")
+        raise missing_root_error(f"visa/{category}", base, "visa")
     records = []
     with open(csv_path, newline="") as f:
         for row in csv.DictReader(f):

@@ -30,7 +30,7 @@ code reads::
 ``bmad/brats2021`` (Brain), ``bmad/liverct`` (Liver), ``bmad/resc`` (RESC) have pixel masks in
 ``Ungood/label`` (same file name as the image; a pixel is anomalous above grey 127);
 ``bmad/rsna`` (Chest) has image-level labels only. ``bmad/liverct-roi`` reads ``Liver_roi/``,
-written by ``python data_scripts/bmad.py --liver-roi`` (QFAE's LiverCT preprocessing).
+written by ``python -m uadkit.fetch bmad --liver-roi`` (QFAE's LiverCT preprocessing).
 """
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ from .folders import _images  # the folder rules: hidden entries skipped, image 
 __all__ = ["covidx", "hyper_kvasir", "bmad", "KVASIR_NORMAL", "BMAD_SETS", "ThresholdMaskDataset"]
 
 KVASIR_NORMAL = ("cecum", "ileum", "bbps-2-3")
-# name -> folder under bmad/; "liverct-roi" is Liver after QFAE's Sec. 7.1 preprocessing (data_scripts/bmad.py --liver-roi)
+# name -> folder under bmad/; "liverct-roi" is Liver after QFAE's Sec. 7.1 preprocessing
+# (python -m uadkit.fetch bmad --liver-roi)
 BMAD_SETS = {"brats2021": "Brain", "liverct": "Liver", "liverct-roi": "Liver_roi", "resc": "RESC", "rsna": "Chest"}
 _BMAD_MASKS = {"brats2021", "liverct", "liverct-roi", "resc"}
 
@@ -78,7 +79,7 @@ def covidx(split: str, *, root=None, image_size: int | None = 224) -> FileDatase
     base = data_root(root) / "covidx"
     labels = base / f"{split}.txt"
     if not labels.is_file():
-        raise missing_root_error("covidx", base, "covidx.py")
+        raise missing_root_error("covidx", base, "covidx")
     records = []
     for n, line in enumerate(labels.read_text().splitlines(), 1):
         parts = line.split()
@@ -109,13 +110,14 @@ def hyper_kvasir(split: str, *, root=None, image_size: int | None = 224, n_train
     """Hyper-Kvasir: normal = cecum + ileum + bbps-2-3; anomalies = the segmented polyps (with masks)."""
     base = data_root(root) / "hyper-kvasir"
     if not base.is_dir():
-        raise missing_root_error("hyper-kvasir", base, "hyper_kvasir.py")
+        raise missing_root_error("hyper-kvasir", base, "hyper_kvasir")
     normal = []
     for name in KVASIR_NORMAL:
         dirs = _find_dirs(base, name)
         if not dirs:
             raise DatasetUnavailable(f"hyper-kvasir: no '{name}' folder under {base} (unpack "
-                                     "hyper-kvasir-labeled-images.zip there; see data_scripts/hyper_kvasir.py)")
+                                     "hyper-kvasir-labeled-images.zip there; "
+                                     "python -m uadkit.fetch hyper_kvasir does)")
         normal += [p for d in dirs for p in _images(d)]
     normal = sorted(normal, key=lambda p: p.name)
     if len(normal) <= n_train:
@@ -128,7 +130,8 @@ def hyper_kvasir(split: str, *, root=None, image_size: int | None = 224, n_train
         seg = [d for d in _find_dirs(base, "segmented-images")]
         if not seg or not (seg[0] / "images").is_dir() or not (seg[0] / "masks").is_dir():
             raise DatasetUnavailable(f"hyper-kvasir: no segmented-images/images and /masks under {base} (unpack "
-                                     "hyper-kvasir-segmented-images.zip there; see data_scripts/hyper_kvasir.py)")
+                                     "hyper-kvasir-segmented-images.zip there; "
+                                     "python -m uadkit.fetch hyper_kvasir does)")
         masks = {p.stem: p for p in _images(seg[0] / "masks")}
         for img in _images(seg[0] / "images"):
             if img.stem not in masks:
@@ -146,7 +149,7 @@ def bmad(name: str, split: str, *, root=None, image_size: int | None = 224) -> F
     if not base.is_dir():
         raise DatasetUnavailable(
             f"bmad/{name}: no dataset at {base}. BMAD needs a manual download; see\n"
-            f"    python data_scripts/bmad.py --root {data_root(root)}\n"
+            f"    python -m uadkit.fetch bmad --root {data_root(root)}\n"
             f"(or set UADKIT_DATA to the folder that holds 'bmad/{BMAD_SETS[name]}/').")
     if split not in ("train", "valid", "test"):
         raise DatasetUnavailable(f"bmad/{name}: split must be 'train', 'valid' or 'test', got {split!r}")
@@ -158,7 +161,7 @@ def bmad(name: str, split: str, *, root=None, image_size: int | None = 224) -> F
         images = _images(img_dir)
         if not images:
             raise DatasetUnavailable(f"bmad/{name}: no images in {img_dir} (expected the BMAD layout "
-                                     f"{split}/{folder}/img/; see data_scripts/bmad.py)")
+                                     f"{split}/{folder}/img/; see python -m uadkit.fetch bmad --help)")
         for img in images:
             mask = None
             if label and has_masks:

@@ -1,7 +1,7 @@
 """CIFAR-10 / CIFAR-100 one-vs-all, read from torchvision's on-disk format (never downloaded here).
 
 ``$UADKIT_DATA/cifar10/cifar-10-batches-py/`` and ``$UADKIT_DATA/cifar100/cifar-100-python/``,
-as ``python data_scripts/cifar.py`` leaves them. CIFAR-100 uses its 20 super-classes,
+as ``python -m uadkit.fetch cifar`` leaves them. CIFAR-100 uses its 20 super-classes,
 as the anomaly-detection literature does.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _arrays(base: str, num_classes: int):
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise DatasetUnavailable(f"cifar{num_classes}: {missing[0]} not found. Prepare it with\n"
-                                 f"    python data_scripts/cifar.py --root {base.parent}")
+                                 f"    python -m uadkit.fetch cifar --root {base.parent}")
     batches = [_unpickle(f) for f in files]
     train, test = batches[:-1], batches[-1]
     xtr = np.concatenate([_images(b) for b in train])

@@ -1,4 +1,4 @@
-"""Download, verify and unpack a dataset archive, safely.
+"""Download, verify and unpack a dataset archive, safely (the code every ``python -m uadkit.fetch`` command shares).
 
 * ``download``: streams to a temporary file beside the target, checks that it received as many
   bytes as the server announced (``Content-Length``) and its sha256 (or the md5 where that is all
@@ -8,8 +8,10 @@
   writes a ``.uadkit-complete`` marker; a failure leaves no half-written tree, and a
   completed tree is skipped on the next run. Only regular files and folders inside the target
   are accepted (no links, FIFOs or devices; no setuid bits or world-writable modes). A folder
-  these scripts did not unpack (no marker) is never deleted: ``--force`` replaces it.
+  these commands did not unpack (no marker) is never deleted: ``--force`` replaces it.
 * Temporary files a killed run left behind (``*.part``, ``*.unpacking``) are removed by the next run.
+* ``install_excepthook``: a command stopped by a FetchError prints ``error: <message>``, not a traceback.
+  Only the command line installs it (``python -m uadkit.fetch``, ``data_scripts/``), never an import.
 """
 from __future__ import annotations
 
@@ -32,15 +34,21 @@ class FetchError(RuntimeError):
     pass
 
 
-def _excepthook(kind, value, tb, _default=sys.excepthook):
-    """A script stopped by a FetchError prints its message, not a traceback (it says what to do)."""
-    if issubclass(kind, FetchError):
-        print(f"error: {value}", file=sys.stderr)
+def install_excepthook() -> None:
+    """From now on a FetchError that stops the program prints its message, not a traceback (it says what to
+    do); any other exception goes to the hook that was there. For command-line entries only."""
+    default = sys.excepthook
+    if getattr(default, "_uadkit_fetch", False):
         return
-    _default(kind, value, tb)
 
+    def excepthook(kind, value, tb):
+        if issubclass(kind, FetchError):
+            print(f"error: {value}", file=sys.stderr)
+            return
+        default(kind, value, tb)
 
-sys.excepthook = _excepthook
+    excepthook._uadkit_fetch = True
+    sys.excepthook = excepthook
 
 
 def default_root() -> Path:
@@ -108,7 +116,7 @@ def download(url: str, dest: Path, *, checksum: str | None, timeout: float = 30)
             received = out.tell()
         if announced is not None and received != int(announced):
             raise FetchError(f"download of {url} cut short: received {received:,} of {int(announced):,} bytes; "
-                             "run the script again")
+                             "run the command again")
         got = digest_of(tmp, algorithm)
         if expected is None:
             print(f"warning: no checksum known for {url}; downloaded file has sha256 {got}")
@@ -123,7 +131,7 @@ def download(url: str, dest: Path, *, checksum: str | None, timeout: float = 30)
 
 
 def _remove_leftovers(folder: Path, pattern: str) -> None:
-    """Delete what an interrupted run of these scripts left in ``folder`` (their own temporary names only)."""
+    """Delete what an interrupted run of these commands left in ``folder`` (their own temporary names only)."""
     for stale in folder.glob(pattern):
         print(f"removing {stale.name}, left behind by an interrupted run")
         if stale.is_dir():
@@ -189,7 +197,7 @@ def unpack(archive: Path, target: Path, *, replace: bool = False) -> Path:
 def _refuse_foreign(target: Path, replace: bool) -> None:
     """A non-empty ``target`` without the marker holds someone's files: never delete them unasked."""
     if target.is_dir() and not (target / MARKER).is_file() and any(target.iterdir()) and not replace:
-        raise FetchError(f"{target} exists and was not unpacked by this script (no {MARKER} in it); "
+        raise FetchError(f"{target} exists and was not unpacked by uadkit.fetch (no {MARKER} in it); "
                          "move your files elsewhere, or pass --force to replace the folder")
     if target.exists() and not target.is_dir():
         raise FetchError(f"{target} exists and is not a folder; move it elsewhere first")
