@@ -167,3 +167,17 @@ def test_nbval_checks_a_tagged_cell_and_only_that(tmp_path):
 
     assert run("2\n") == 0  # the untagged cell's wrong output is not compared
     assert run("5\n") != 0
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_install_cell_and_colab_badge_use_the_repository_of_the_book_config(nb):
+    """_config.yml's repository is the one place that names the repository: the Colab install cell installs
+    uadkit from it and the badge at the top opens this very notebook from it."""
+    repo = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]
+    url, branch = repo["url"].rstrip("/"), repo["branch"]
+    cells = json.loads(nb.read_text())["cells"]
+    assert f'"uadkit @ git+{url}"' in "".join(_code_cells(nb)[0]["source"])
+    top = "".join(cells[0]["source"])
+    slug = url.split("github.com/", 1)[1]
+    assert f"(https://colab.research.google.com/github/{slug}/blob/{branch}/book/{nb.name})" in top
+    assert "colab-badge.svg" in top and "GPU runtime" in top
