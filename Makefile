@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test setup clean fashion-mnist execute dry-run
+.PHONY: book test setup clean fashion-mnist execute dry-run colab-test
 
 # The CPU's kernel sets and thread count, pinned where numbers are checked or committed (uadkit.train.pin_cpu
 # says why; the dry run keeps the machine's kernels, whose bf16 is far faster); a value given on the command
@@ -52,6 +52,12 @@ test: $(STAMP)
 dry-run: $(STAMP)
 	$(if $(filter command line,$(origin NB)),,$(PY) -m pytest -n $(JOBS) tests -m paper_memory -p no:cacheprovider -q)
 	UADKIT_JOBS=$(JOBS) $(PY) tests/dry_run.py $(if $(filter command line,$(origin NB)),$(NB))
+
+# Chapters as a Colab user runs them: a wheel of this checkout, a fresh environment with only Colab's preinstalled
+# packages, the notebook alone in an empty folder, installing uadkit through its own install cell
+# (tests/colab.py). Default: the opening chapter; `make colab-test NB="book/*.ipynb"` runs them all.
+colab-test: $(STAMP)
+	$(PY) tests/colab.py $(if $(filter command line,$(origin NB)),$(NB))
 
 # The book, from the committed executed notebooks, into _build/html; any warning fails.
 book: $(STAMP)
