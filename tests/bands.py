@@ -33,17 +33,16 @@ import nbformat
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nbval_tolerance import (NUMBER, VERDICT, _texts, cell_bands, cell_open_verdicts, coalesce, layout,  # noqa: E402
-                             open_verdict, out_of_band)
+from nbval_tolerance import (NUMBER, VERDICT, _texts, cell_bands, cell_open_verdicts, coalesce, is_checked,  # noqa: E402
+                             layout, open_verdict, out_of_band)
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
-CHECK_TAG = "nbval-check-output"  # nbval compares the outputs of cells with this tag
 K = 3.0
 
 
 def checked_cells(nb) -> dict[str, dict]:
-    return {c["id"]: c for c in nb.cells if c.cell_type == "code" and CHECK_TAG in c.metadata.get("tags", [])}
+    return {c["id"]: c for c in nb.cells if c.cell_type == "code" and is_checked(c)}
 
 
 def cells_by_id(nb) -> dict[str, dict]:

@@ -44,6 +44,14 @@ def layout(part: str) -> str:
     return re.sub(r"[ \t]+", " ", part)
 
 
+CHECK_TAG = "nbval-check-output"  # nbval --nbval-lax compares the outputs of the cells with this tag
+
+
+def is_checked(cell) -> bool:
+    """Whether nbval compares this cell's outputs with the committed ones (within its bands)."""
+    return CHECK_TAG in cell.get("metadata", {}).get("tags", [])
+
+
 VERDICT = re.compile(r"\b(holds|contradicted|inconclusive)\b")
 
 

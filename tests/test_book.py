@@ -5,6 +5,7 @@ from pathlib import Path
 import papermill
 import pytest
 import yaml
+from nbval_tolerance import is_checked  # the one definition of a checked cell
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "book").glob("*.ipynb"))
@@ -12,11 +13,6 @@ NOTEBOOKS = sorted((ROOT / "book").glob("*.ipynb"))
 
 def _code_cells(nb_path):
     return [c for c in json.loads(nb_path.read_text())["cells"] if c["cell_type"] == "code"]
-
-
-def is_checked(cell) -> bool:
-    """nbval compares this cell's outputs with the committed ones (within bands: nbval_tolerance.py)."""
-    return "nbval-check-output" in cell.get("metadata", {}).get("tags", [])
 
 
 def test_every_notebook_is_in_the_toc():
