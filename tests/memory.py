@@ -47,10 +47,11 @@ def make_tree(root: Path, n: int, *, seed: int = 0, size: int = 32, categories: 
 
 
 def fit_peaks_mb(method: str, sizes: tuple[int, ...], tmp_path: Path, *, image_size: int = 256, batch_size: int = 8,
-                 timeout: int = 600, **overrides) -> list[float]:
+                 mmap_threshold: int = 1 << 20, timeout: int = 600, **overrides) -> list[float]:
     """Peak memory (MB) of one fit per training-set size in ``sizes``, each in its own child process; the
     children run side by side (one thread each: on two cores the pair takes the time of one fit). Peak
-    resident memory is per process, so running them together does not change what each one measures."""
+    resident memory is per process, so running them together does not change what each one measures.
+    ``mmap_threshold``: glibc's ``MALLOC_MMAP_THRESHOLD_`` in the children (see below)."""
     # one thread, and the machine's own kernels (a capped ISA runs bf16 through slow reference kernels)
     env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")}
     env |= {"UADKIT_DRY_RUN": "1", "UADKIT_WEIGHTS": str(tmp_path / "no-weights"), "OMP_NUM_THREADS": "1",
@@ -59,7 +60,8 @@ def fit_peaks_mb(method: str, sizes: tuple[int, ...], tmp_path: Path, *, image_s
             # glibc maps every block of 1 MB or more on its own and unmaps it when freed: with its adaptive threshold
             # the peak of one and the same ADTR fit varied by 100-160 MB from run to run (1370-1538 MB, measured),
             # now by under 10 MB (1240-1251 MB); the fits take ~60 % longer (page faults)
-            "MALLOC_MMAP_THRESHOLD_": "1048576"}
+            # (QFAE's fit still varied by ~55 MB at 1 MB, e.g. 1605 or 1660 MB for one and the same fit; at 64 kB by 1 MB)
+            "MALLOC_MMAP_THRESHOLD_": str(mmap_threshold)}
     children = []
     for n_train in sizes:
         tree = make_tree(tmp_path / f"tree{n_train}", n_train)
