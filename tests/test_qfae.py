@@ -420,11 +420,14 @@ def test_step_cost_adds_up_to_the_whole_step(tiny_vit):
 @pytest.mark.paper_memory
 def test_fit_memory_does_not_grow_with_the_training_set(tmp_path):
     """The paper path (augmentation, the encoder on every batch) streams the training set: the peak memory of a fit
-    at 224 px grows by less than 30 MB from 192 to 768 images (holding them would add 350 MB of images alone).
+    at 224 px grows by less than 60 MB from 192 to 768 images (holding the extra 576 images would add 350 MB as
+    float32, 87 MB even as uint8; holding them, measured: +482 MB).
     Both sizes run the dry run's 2 steps of 64 images (a third batch is read); small networks stand in for DINOv2
     and the MAE, and the MAE loss, so that a step is quick (the data path is the same for every loss). glibc maps
     blocks of 64 kB and more on their own: the peak is then repeatable to about 1 MB (at the 1 MB of the other
-    methods' tests, one and the same fit peaked at either ~1605 or ~1660 MB, measured)."""
+    methods' tests, one and the same fit peaked at either ~1605 or ~1660 MB, measured; on another CPU at 1872 and
+    1919 MB). The margin of 60 MB, as in the other methods' tests, covers that spread should 64 kB not remove it
+    on some machine."""
     from memory import fit_peaks_mb
 
     small = dict(encoder="efficientnet_lite0", encoder_layers=[2, 3, 4], dim=32, qformer_heads=2, decoder_dim=32,
@@ -432,7 +435,7 @@ def test_fit_memory_does_not_grow_with_the_training_set(tmp_path):
                  perceptual_layers=[1, 2], perceptual_scales=[1.0, 0.5], score_layers=[1, 2], score_scales=[1.0, 0.5],
                  loss="mae")
     few, many = fit_peaks_mb("qfae", (192, 768), tmp_path, image_size=224, mmap_threshold=65536, **small)
-    assert many - few < 30, f"peak {few:.0f} MB with 192 images, {many:.0f} MB with 768"
+    assert many - few < 60, f"peak {few:.0f} MB with 192 images, {many:.0f} MB with 768"
 
 
 def test_perceptual_maps_under_bf16_autocast_are_float32(perc):
