@@ -84,3 +84,22 @@ def test_a_verdict_other_seeds_changed_accepts_only_the_verdicts_they_printed():
     assert out_of_band(committed, committed.replace("holds", "contradicted"), [], opened) == []  # never printed
     assert out_of_band(committed, committed.replace("contradicted", "inconclusive"), [], opened) == []  # a stable line
     assert out_of_band(committed, other_seeds[0], []) == []  # without the measured lines every verdict is exact
+
+
+def test_a_displayed_table_is_checked_through_its_text_and_its_html_follows():
+    """A DataFrame shown with display() is compared by its text/plain within the bands; its HTML (the
+    book's table) then counts as the committed one, and a number outside its band still fails."""
+    import pandas as pd
+
+    from nbval_tolerance import snap_to_reference
+
+    def shown(value):
+        df = pd.DataFrame({"image AUROC": [value]}, index=["mini/brick"])
+        return [{"output_type": "display_data", "metadata": {},
+                 "data": {"text/plain": repr(df), "text/html": df.to_html()}}]
+
+    committed, drift, broken = shown(0.96), shown(0.95), shown(0.80)
+    snapped, problems = snap_to_reference(drift, committed, {"text/plain:0": [0.03]})
+    assert problems == [] and snapped[0]["data"] == committed[0]["data"]
+    snapped, problems = snap_to_reference(broken, committed, {"text/plain:0": [0.03]})
+    assert problems and snapped[0]["data"]["text/html"] != committed[0]["data"]["text/html"]

@@ -50,3 +50,24 @@ def test_default_results_dir_is_the_books(tmp_path, monkeypatch):
     (tmp_path / "book").mkdir()
     monkeypatch.chdir(tmp_path / "book")
     assert repro.results_dir() == tmp_path.resolve() / "_build" / "results"
+
+
+def test_record_becomes_a_notebook_output_in_ipython(tmp_path, monkeypatch):
+    """In a notebook a record is also displayed under its own mime type (the book's results page reads it
+    from the committed chapter); a training run's record (``runs/``) is not; outside IPython nothing shows."""
+    import IPython
+    import IPython.display
+
+    shown = []
+    monkeypatch.setenv("UADKIT_RESULTS", str(tmp_path))
+    monkeypatch.setattr(IPython.display, "display", lambda obj, raw=False: shown.append((obj, raw)))
+    repro.record("ch", "claims", [{"claim": "x", "verdict": "holds"}], profile="smoke", dataset="d", seed=0,
+                 wall_time_s=1.0)
+    assert shown == []  # no IPython shell here
+    monkeypatch.setattr(IPython, "get_ipython", lambda: object())
+    repro.record("ch", "claims", [{"claim": "x", "verdict": "holds"}], profile="smoke", dataset="d", seed=0,
+                 wall_time_s=1.0)
+    repro.record("ch", "runs/abc", [], profile="smoke", dataset="d", seed=0, wall_time_s=1.0)
+    assert len(shown) == 1 and shown[0][1] is True
+    payload = shown[0][0][repro.RECORD_MIME]
+    assert payload["rows"] == [{"claim": "x", "verdict": "holds"}] and payload["chapter"] == "ch"

@@ -14,10 +14,27 @@ scores = rng.normal(size=60) + labels
 
 
 def test_overlay_grid():
+    """Samples across (at most 4), image / mask / map down, one colour bar beside the maps, and a figure
+    no wider than the book's column (so its fonts are not shrunk)."""
     fig = viz.overlay_grid(torch.rand(3, 3, 16, 16), torch.zeros(3, 1, 16, 16), torch.rand(3, 1, 16, 16),
                            scores=np.arange(3.0))
-    assert [a.get_title() for a in fig.axes[:3]] == ["image", "ground truth", "anomaly map"]
-    assert fig.axes[-1].get_ylabel() == "anomaly score"  # the shared colour bar
+    panels, bar = fig.axes[:9], fig.axes[-1]
+    assert len(fig.axes) == 10 and [panels[3 * r].get_ylabel() for r in range(3)] == ["image", "ground truth",
+                                                                                      "anomaly map"]
+    assert panels[1].get_title() == "score 1"
+    assert bar.get_ylabel() == "anomaly score"
+    assert fig.get_figwidth() <= viz.PAGE_WIDTH
+    with pytest.raises(ValueError, match="1 to 4 samples"):
+        viz.overlay_grid(torch.rand(5, 3, 8, 8), torch.zeros(5, 1, 8, 8), torch.rand(5, 1, 8, 8))
+
+
+def test_a_table_shows_its_title_as_caption_and_in_plain_text():
+    import pandas as pd
+
+    t = viz.Table(pd.DataFrame({"AUROC": [0.91]}, index=["mini/brick"]), "ADTR <this run>", float_format="{:.3f}".format)
+    assert repr(t).splitlines() == ["ADTR <this run>", "            AUROC", "mini/brick  0.910"]
+    html = t._repr_html_()
+    assert html.startswith("<table") and "<caption>ADTR &lt;this run&gt;</caption>" in html and "0.910" in html
 
 
 def test_roc_and_pro_curves():

@@ -1,7 +1,10 @@
-"""The book's figures: anomaly-map grids, ROC and PRO curves, score histograms, 2-D embeddings.
+"""The book's figures and tables: anomaly-map grids, ROC and PRO curves, score histograms, 2-D embeddings,
+and results tables shown as tables.
 
-Every function draws into ``ax`` when given one (else a new figure) and returns
+Every plotting function draws into ``ax`` when given one (else a new figure) and returns
 the figure, with a title, axis labels and a legend, so it reads well in the book.
+``use_book_style()`` sets the fonts and sizes the chapters' figures and tables share;
+``show_table(df, title)`` displays a DataFrame as an HTML table with its title as caption.
 """
 from __future__ import annotations
 
@@ -10,7 +13,56 @@ from typing import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-__all__ = ["overlay_grid", "roc_curves", "pro_curve_plot", "score_histograms", "embed_2d", "embedding_plot"]
+__all__ = ["use_book_style", "show_table", "Table", "overlay_grid", "roc_curves", "pro_curve_plot", "score_histograms", "embed_2d", "embedding_plot"]
+
+
+# A figure of at most PAGE_WIDTH inches is shown at its own size in the book's text column (800 px at 100 dpi),
+# so a font of 9 pt in the figure is 9 pt on the page; wider figures are shrunk with their fonts.
+PAGE_WIDTH = 8.0
+
+
+def use_book_style() -> None:
+    """Fonts of at least 9 pt and 100 dpi for matplotlib (a figure of ``PAGE_WIDTH`` inches fills the
+    book's column at its own size), and pandas tables printed whole (no column or width cut-off)."""
+    import matplotlib as mpl
+    import pandas as pd
+
+    mpl.rcParams.update({"figure.dpi": 100, "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10,
+                         "xtick.labelsize": 9, "ytick.labelsize": 9, "legend.fontsize": 9, "legend.title_fontsize": 9,
+                         "figure.titlesize": 12})
+    pd.set_option("display.max_columns", None)
+    pd.set_option("display.width", 250)
+    pd.set_option("display.max_colwidth", None)
+
+
+class Table:
+    """A DataFrame with a title, displayed as an HTML table captioned by the title (in the book and in
+    Jupyter) and as the title over ``DataFrame.to_string()`` in plain text (a terminal, and the text the
+    book's regression checks compare). ``**fmt``: ``DataFrame.to_string``/``to_html`` options
+    (``float_format``, ``index``, ...)."""
+
+    def __init__(self, df, title: str | None = None, **fmt):
+        self.df, self.title, self.fmt = df, title, fmt
+
+    def __repr__(self) -> str:
+        text = self.df.to_string(**self.fmt)
+        return f"{self.title}\n{text}" if self.title else text
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        html = self.df.to_html(border=0, classes="dataframe uadkit-table", **self.fmt)
+        if self.title:
+            head, _, rest = html.partition(">")  # after the opening <table ...>
+            html = f"{head}>\n  <caption>{escape(self.title)}</caption>{rest}"
+        return html
+
+
+def show_table(df, title: str | None = None, **fmt) -> None:
+    """Display ``df`` as a captioned table (see ``Table``)."""
+    from IPython.display import display
+
+    display(Table(df, title, **fmt))
 
 
 def _np(x) -> np.ndarray:
@@ -25,31 +77,36 @@ def _axes(ax, figsize=(5, 4)):
 
 
 def overlay_grid(images, masks, maps, *, scores=None, titles: Sequence[str] = ("image", "ground truth", "anomaly map"),
-                 suptitle: str | None = None, vmax: float | None = None):
-    """Rows = samples; columns = image / ground-truth mask / anomaly map over the image.
+                 suptitle: str | None = None, vmax: float | None = None, columns: Sequence[str] | None = None):
+    """Columns = samples (at most 4); rows = image / ground-truth mask / anomaly map over the image.
 
-    ``images`` N×3×H×W, ``masks`` and ``maps`` N×1×H×W. The colour scale of the maps is
-    shared by all rows (0 to ``vmax``, default the largest value shown), so rows compare.
+    ``images`` N×3×H×W, ``masks`` and ``maps`` N×1×H×W. The colour scale of the maps is shared by
+    all samples (0 to ``vmax``, default the largest value shown), so they compare; its colourbar sits
+    beside the row of maps. ``columns``: a heading per sample (default: its score, when given).
     """
     images, masks, maps = _np(images), _np(masks)[:, 0], _np(maps)[:, 0]
     n = len(images)
+    if not 1 <= n <= 4:
+        raise ValueError(f"overlay_grid shows 1 to 4 samples per figure (readable at page width), got {n}")
     vmax = float(maps.max()) if vmax is None else vmax
-    fig, axes = plt.subplots(n, 3, figsize=(7.2, 2.2 * n), squeeze=False, layout="constrained")
+    size = min(1.9, (PAGE_WIDTH - 1.6) / n)  # inches per panel; room for row labels and the colourbar
+    fig, axes = plt.subplots(3, n, figsize=(1.6 + size * n, 0.9 + 3 * size), squeeze=False, layout="constrained")
     for i in range(n):
         rgb = images[i].transpose(1, 2, 0)
-        axes[i, 0].imshow(rgb)
-        axes[i, 1].imshow(masks[i], cmap="gray", vmin=0, vmax=1)
-        axes[i, 2].imshow(rgb)
-        im = axes[i, 2].imshow(maps[i], cmap="jet", alpha=0.5, vmin=0, vmax=vmax)
-        if scores is not None:
-            axes[i, 2].text(2, 2, f"score {float(_np(scores)[i]):.3g}", color="white", fontsize=8, va="top",
-                            bbox=dict(facecolor="black", alpha=0.5, pad=1))
-        for ax in axes[i]:
+        axes[0, i].imshow(rgb)
+        axes[1, i].imshow(masks[i], cmap="gray", vmin=0, vmax=1)
+        axes[2, i].imshow(rgb)
+        im = axes[2, i].imshow(maps[i], cmap="jet", alpha=0.5, vmin=0, vmax=vmax)
+        if columns is not None:
+            axes[0, i].set_title(columns[i], fontsize=9)
+        elif scores is not None:
+            axes[0, i].set_title(f"score {float(_np(scores)[i]):.3g}", fontsize=9)
+        for ax in axes[:, i]:
             ax.set_xticks([])
             ax.set_yticks([])
-    for ax, title in zip(axes[0], titles):
-        ax.set_title(title)
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=min(0.9, 2.5 / n), label="anomaly score")
+    for ax, title in zip(axes[:, 0], titles):
+        ax.set_ylabel(title)
+    fig.colorbar(im, ax=axes[2, :].tolist(), label="anomaly score", shrink=0.9)
     if suptitle:
         fig.suptitle(suptitle)
     return fig

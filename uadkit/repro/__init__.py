@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 __all__ = ["paper_table", "available_tables", "compare", "record", "load_results", "results_dir", "run",
-           "run_key", "checkpoint"]
+           "run_key", "checkpoint", "RECORD_MIME"]
 
 COLUMNS = ["table", "method", "category", "metric", "value", "source"]
 
@@ -88,9 +88,27 @@ def record(chapter: str, table_name: str, rows: list[dict], *, profile: str, dat
     path = results_dir() / chapter / f"{table_name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=float))
+    text = json.dumps(payload, indent=1, default=float)
+    tmp.write_text(text)
     os.replace(tmp, path)
+    _keep_in_notebook(json.loads(text))
     return path
+
+
+RECORD_MIME = "application/vnd.uadkit.record+json"
+
+
+def _keep_in_notebook(payload: dict) -> None:
+    """In a notebook, the record also becomes an output of the cell (a mime type no front end draws), so an
+    executed chapter carries its own results and the book's "Reproduction status" page reads them from the
+    committed notebooks; outside IPython nothing happens."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:
+        return
+    if get_ipython() is not None and not str(payload.get("table", "")).startswith("runs/"):
+        display({RECORD_MIME: payload}, raw=True)
 
 
 def load_results(chapter: str, table_name: str) -> dict:
