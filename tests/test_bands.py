@@ -45,8 +45,9 @@ print(json.dumps(np.mean(rows, axis=0).tolist()))
 def _committed_row():
     nb = nbformat.read(ROOT / "book" / "adtr.ipynb", 4)
     cell = next(c for c in nb.cells if c.cell_type == "code" and "ours = sum(per_seed.values())" in c.source)
-    text = next(o["text"] for o in coalesce(cell.outputs) if o.get("name") == "stdout")
-    bands = cell_bands(cell)["stdout"]
+    # the table is displayed (viz.show_table): its text form is the cell's first rich output
+    text = next(o["data"]["text/plain"] for o in coalesce(cell.outputs) if "text/plain" in o.get("data", {}))
+    bands = cell_bands(cell)["text/plain:0"]
     # the numbers of the mini/brick line and their bands
     before = text[:text.index("mini/brick")]
     first = len(NUMBER.findall(before))

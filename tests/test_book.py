@@ -177,3 +177,36 @@ def test_install_cell_and_colab_badge_use_the_repository_of_the_book_config(nb):
     slug = url.split("github.com/", 1)[1]
     assert f"(https://colab.research.google.com/github/{slug}/blob/{branch}/book/{nb.name})" in top
     assert "colab-badge.svg" in top and "GPU runtime" in top
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_code_fits_the_page_and_bookkeeping_is_hidden(nb):
+    """Code cells wrap at 100 columns (the book's column shows about that many); the cells that only record
+    results or repeat the claims table's verdicts for the checks are removed from the rendered page."""
+    cells = _code_cells(nb)
+    long = [(c["id"], line[:60]) for c in cells for line in "".join(c["source"]).split("\n") if len(line) > 100]
+    assert not long, f"lines over 100 columns: {long}"
+    for c in cells:
+        src, tags = "".join(c["source"]), c["metadata"].get("tags", [])
+        if "repro.record(" in src or src.strip() == 'print(claims_table["verdict"].to_string())':
+            assert "remove-cell" in tags, f"cell {c['id']} is bookkeeping: tag it remove-cell"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_captioned_figures_have_alt_text_and_fit_the_column(nb):
+    """A cell captioned through its metadata (a numbered figure in the book) shows one image and nothing else
+    rich (the caption would wrap each), says what the image shows for a screen reader, and every committed
+    figure is at most 820 px wide (8.2 in at 100 dpi), so the book shows it at its own size, fonts unshrunk."""
+    import base64
+    import struct
+
+    for c in _code_cells(nb):
+        images = [o for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+        for o in images:
+            width = struct.unpack(">I", base64.b64decode(o["data"]["image/png"])[16:20])[0]
+            assert width <= 820, f"cell {c['id']}: a figure {width} px wide is shrunk in the book"
+        meta = c["metadata"].get("mystnb", {})
+        if "figure" in meta:
+            rich = [o for o in c.get("outputs", []) if o.get("output_type") in ("display_data", "execute_result")]
+            assert len(rich) == len(images) <= 1, f"cell {c['id']}: a captioned figure cell shows {len(rich)} rich outputs"
+            assert meta["figure"].get("caption") and meta.get("image", {}).get("alt"), f"cell {c['id']}: caption and alt"

