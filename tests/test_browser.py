@@ -1,5 +1,5 @@
 """The rendered book as a reader sees it, in headless Chromium: every page of the table of contents at
-1280 px is checked for tables wider than the text column, raw LaTeX left over after MathJax, walls of
+1280 px is checked for tables, printed outputs and display equations wider than the text column, raw LaTeX left over after MathJax, walls of
 stderr, and a second search box; a screenshot of its top, its first table and its first figure goes to
 ``_build/screenshots/``.
 
@@ -75,7 +75,7 @@ OVERFLOW_JS = """() => {
   const article = document.querySelector('article.bd-article') || document.querySelector('main');
   const column = article.getBoundingClientRect();
   const bad = [];
-  for (const el of article.querySelectorAll('table, div.cell_output pre')) {
+  for (const el of article.querySelectorAll('table, div.cell_output pre, mjx-container[display="true"]')) {
     let box = el.parentElement;  // the nearest box that clips or scrolls it
     while (box && box !== article && getComputedStyle(box).overflowX === 'visible') box = box.parentElement;
     const width = (box || article).clientWidth;
