@@ -186,6 +186,10 @@ def test_code_fits_the_page_and_bookkeeping_is_hidden(nb):
     cells = _code_cells(nb)
     long = [(c["id"], line[:60]) for c in cells for line in "".join(c["source"]).split("\n") if len(line) > 100]
     assert not long, f"lines over 100 columns: {long}"
+    import re
+
+    small = [(c["id"], m) for c in cells for m in re.findall(r"fontsize=(\d+)", "".join(c["source"])) if int(m) < 10]
+    assert not small, f"a figure font under 10 pt reads under 9 pt in the book's column: {small}"
     for c in cells:
         src, tags = "".join(c["source"]), c["metadata"].get("tags", [])
         if "repro.record(" in src or src.strip() == 'print(claims_table["verdict"].to_string())':

@@ -67,3 +67,16 @@ def test_embedding(method):
     assert legend == ["normal", "anomaly"] and fig.axes[0].get_title() == "t"
     with pytest.raises(ValueError):
         viz.embed_2d(x, method="pca")
+
+
+def test_book_style_fonts_stay_readable_in_the_column():
+    """At most PAGE_WIDTH inches wide at 100 dpi, a figure is shown at about 86 % in the book's 690-px column:
+    its smallest font, 10 pt, still reads as about 9 pt there."""
+    import matplotlib as mpl
+
+    with mpl.rc_context():
+        viz.use_book_style()
+        sizes = [mpl.rcParams[k] for k in ("font.size", "axes.titlesize", "axes.labelsize", "xtick.labelsize",
+                                            "ytick.labelsize", "legend.fontsize", "figure.titlesize")]
+        assert min(float(s) for s in sizes) >= 10 and mpl.rcParams["figure.dpi"] == 100
+        assert 10 * 100 / 72 * (690 / (viz.PAGE_WIDTH * 100)) * 0.75 >= 8.9  # the 10-pt font in CSS points

@@ -16,20 +16,22 @@ import numpy as np
 __all__ = ["use_book_style", "show_table", "Table", "overlay_grid", "roc_curves", "pro_curve_plot", "score_histograms", "embed_2d", "embedding_plot"]
 
 
-# A figure of at most PAGE_WIDTH inches is shown at its own size in the book's text column (800 px at 100 dpi),
-# so a font of 9 pt in the figure is 9 pt on the page; wider figures are shrunk with their fonts.
+# The book's text column is about 690 px wide at a 1280-px window. A figure of PAGE_WIDTH inches at 100 dpi
+# (800 px) is shown at 86 % of its size there, so a 10-pt label reads as about 9 pt: 10 pt is the
+# smallest font a chapter's figure uses.
 PAGE_WIDTH = 8.0
 
 
 def use_book_style() -> None:
-    """Fonts of at least 9 pt and 100 dpi for matplotlib (a figure of ``PAGE_WIDTH`` inches fills the
-    book's column at its own size), and pandas tables printed whole (no column or width cut-off)."""
+    """Fonts of at least 10 pt and 100 dpi for matplotlib (at most ``PAGE_WIDTH`` inches wide, a figure
+    keeps its labels at about 9 pt or more in the book's column), and pandas tables printed whole (no
+    column or width cut-off)."""
     import matplotlib as mpl
     import pandas as pd
 
-    mpl.rcParams.update({"figure.dpi": 100, "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10,
-                         "xtick.labelsize": 9, "ytick.labelsize": 9, "legend.fontsize": 9, "legend.title_fontsize": 9,
-                         "figure.titlesize": 12})
+    mpl.rcParams.update({"figure.dpi": 100, "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11,
+                         "xtick.labelsize": 10, "ytick.labelsize": 10, "legend.fontsize": 10,
+                         "legend.title_fontsize": 10, "figure.titlesize": 12})
     pd.set_option("display.max_columns", None)
     pd.set_option("display.width", 250)
     pd.set_option("display.max_colwidth", None)
@@ -98,9 +100,9 @@ def overlay_grid(images, masks, maps, *, scores=None, titles: Sequence[str] = ("
         axes[2, i].imshow(rgb)
         im = axes[2, i].imshow(maps[i], cmap="jet", alpha=0.5, vmin=0, vmax=vmax)
         if columns is not None:
-            axes[0, i].set_title(columns[i], fontsize=9)
+            axes[0, i].set_title(columns[i], fontsize=10)
         elif scores is not None:
-            axes[0, i].set_title(f"score {float(_np(scores)[i]):.3g}", fontsize=9)
+            axes[0, i].set_title(f"score {float(_np(scores)[i]):.3g}", fontsize=10)
         for ax in axes[:, i]:
             ax.set_xticks([])
             ax.set_yticks([])

@@ -83,7 +83,8 @@ def cell(text) -> str:
 def claim_text(row: dict) -> str:
     paper = row.get("paper", "")
     paper = f"paper {paper}; " if paper and not paper.startswith("(") else ""
-    return f"**{row['verdict']}**: {row['claim'].split(': ', 1)[-1]} ({paper}this run {row['this run (difference, interval)']})"
+    claim = row["claim"].split(": ", 1)[-1] if cited_items(row["claim"]) else row["claim"]  # "Table 4: ..." in its row
+    return f"**{row['verdict']}**: {claim} ({paper}this run {row['this run (difference, interval)']})"
 
 
 class _Markdown(SphinxDirective):
