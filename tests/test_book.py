@@ -198,8 +198,9 @@ def test_code_fits_the_page_and_bookkeeping_is_hidden(nb):
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
 def test_captioned_figures_have_alt_text_and_fit_the_column(nb):
-    """A cell captioned through its metadata (a numbered figure in the book) shows one image and nothing else
-    rich (the caption would wrap each), says what the image shows for a screen reader, and every committed
+    """A cell captioned through its metadata (a numbered figure in the book) shows images and nothing else rich
+    (the caption would wrap each), one if the figure is named, says what it shows for a screen reader; every
+    cell that draws is captioned; and every committed
     figure is at most 820 px wide (8.2 in at 100 dpi), so the book shows it at its own size, fonts unshrunk."""
     import base64
     import struct
@@ -212,5 +213,10 @@ def test_captioned_figures_have_alt_text_and_fit_the_column(nb):
         meta = c["metadata"].get("mystnb", {})
         if "figure" in meta:
             rich = [o for o in c.get("outputs", []) if o.get("output_type") in ("display_data", "execute_result")]
-            assert len(rich) == len(images) <= 1, f"cell {c['id']}: a captioned figure cell shows {len(rich)} rich outputs"
+            # every rich output becomes a figure with this caption: images only, and one at most if it is named
+            # (a label can point to one figure only)
+            assert len(rich) == len(images), f"cell {c['id']}: a captioned cell shows a rich output that is no image"
+            assert len(images) <= 1 or "name" not in meta["figure"], f"cell {c['id']}: a named figure, {len(images)} images"
             assert meta["figure"].get("caption") and meta.get("image", {}).get("alt"), f"cell {c['id']}: caption and alt"
+        elif images:
+            raise AssertionError(f"cell {c['id']} draws a figure without a caption (cell metadata mystnb.figure)")
