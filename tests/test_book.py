@@ -45,11 +45,22 @@ def test_papermill_sees_every_parameter(nb):
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
-def test_dry_run_is_a_papermill_parameter_that_reaches_the_profile(nb):
+def test_dry_run_and_categories_are_papermill_parameters_that_reach_the_profile(nb):
     params = papermill.inspect_notebook(str(nb))
-    assert params["dry_run"]["default"] == "False"
+    assert params["dry_run"]["default"] == "False" and "categories" in params
     source = "".join("".join(c["source"]) for c in _code_cells(nb))
-    assert "profiles.get(profile, dry_run=dry_run)" in source
+    assert "profiles.get(profile, dry_run=dry_run, only=categories)" in source
+    assert "P.pick(" in source  # the subset reaches the chapter's tables
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_colab_users_find_the_data_command_and_a_t4_estimate(nb):
+    """Next to the parameters, the (commented) command that fetches the paper profile's data in Colab; in the
+    chapter, what a one-category paper run costs on Colab's 16 GB T4 (a printed line of a cost cell)."""
+    params = "".join(_code_cells(nb)[0]["source"])
+    assert "# !python -m uadkit.fetch " in params
+    printed = ["".join(o.get("text", "")) for c in _code_cells(nb) for o in c.get("outputs", [])]
+    assert any("16 GB T4" in text for text in printed)
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)

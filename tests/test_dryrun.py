@@ -197,3 +197,29 @@ def test_seeds_of_a_compared_model(monkeypatch):
     for bad in (1, 2.0, True):
         with pytest.raises(ValueError, match="at least 2 seeds"):
             profiles.get("smoke").seeds(0, bad)
+
+
+def test_categories_pick_a_subset_by_full_or_short_name():
+    p = profiles.get("paper", only=["bottle", "cifar10"], device="cpu")
+    assert p.only == ("bottle", "cifar10") and p.categories == profiles.get("paper", device="cpu").categories
+    assert p.pick(list(p.categories)) == ["mvtec/bottle"]  # "bottle" names "mvtec/bottle"
+    assert p.pick(p.one_vs_all) == p.one_vs_all  # "cifar10" names every "cifar10/<k>"
+    assert p.pick({"cifar10/3": 1, "cub200/3": 2}) == {"cifar10/3": 1}
+    assert profiles.get("paper", only="bottle", device="cpu").only == ("bottle",)
+    everything = profiles.get("paper", device="cpu")
+    assert profiles.get("paper", only=None, device="cpu") == everything == profiles.get("paper", only=[], device="cpu")
+    assert everything.pick(["a/b", "c/d"]) == ["a/b", "c/d"]
+    with pytest.raises(ValueError, match="selects none of mvtec/bottle"):
+        profiles.get("paper", only=["botle"], device="cpu").pick(["mvtec/bottle"], required=True)
+
+
+def test_a_dry_run_keeps_the_categories_named(monkeypatch):
+    monkeypatch.setattr(dryrun, "enable", lambda root=None: None)
+    assert profiles.get("paper", dry_run=True, only=["cable"]).categories == ("mvtec/cable",)
+    p = profiles.get("paper", dry_run=True, only=["cable", "carpet"])
+    assert p.categories == ("mvtec/cable", "mvtec/carpet") and p.textures == ("mvtec/carpet",)
+    assert profiles.get("paper", dry_run=True, only=["cifar10/0"]).categories == ("mvtec/bottle", "mvtec/grid")
+
+
+def test_gpu_memory_is_unbounded_off_cuda():
+    assert profiles.gpu_memory_gb("cpu") == float("inf")

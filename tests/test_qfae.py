@@ -148,6 +148,18 @@ def test_short_run_lowers_the_loss_and_scores(tmp_path):
     assert all(torch.equal(v, det.model.state_dict()[k]) for k, v in again.model.state_dict().items())
 
 
+def test_micro_batches_train_the_same_update():
+    """micro_batch (a 16 GB GPU at the paper's batch 64) cuts each batch into parts whose gradients add up."""
+    train = get_dataset("mini/phantom", "train", n_train=8, image_size=32)
+    histories = []
+    for micro in (None, 3):
+        det = uadkit.models.create("qfae", progress=False, seed=0,
+                                   **dataclasses.asdict(_tiny(epochs=2, micro_batch=micro)))
+        det.fit(train)
+        histories.append(det.history)
+    assert np.allclose(histories[0], histories[1], rtol=1e-4)
+
+
 def test_bad_settings_fail_clearly():
     with pytest.raises(ValueError, match="bottleneck"):
         Q.QFAEModel(channels=[8], image_size=32, config=_tiny(bottleneck="vq"), cnn_encoder=True)

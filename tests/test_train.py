@@ -133,3 +133,12 @@ def test_pin_cpu_fixes_the_thread_count_and_keeps_a_kernel_set_given_in_the_envi
             train.pin_cpu(-1)
     finally:
         torch.set_num_threads(before)
+
+
+def test_autocast_is_float16_only_on_a_gpu_without_bf16(monkeypatch):
+    assert train.amp_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))  # a T4
+    assert train.amp_dtype("cuda") == torch.float16 and train.amp_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))  # an A100
+    assert train.amp_dtype("cuda:0") == torch.bfloat16

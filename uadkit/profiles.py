@@ -17,6 +17,12 @@ trees with a few steps per training (:mod:`uadkit.dryrun`)::
 
     papermill book/adtr.ipynb out.ipynb -p profile paper -p dry_run True
 
+A third, ``categories = None``, restricts a run to some of its datasets or categories, by the
+names :func:`uadkit.data.get_dataset` knows, or their last part (one MVTec AD category on a
+free GPU, say)::
+
+    papermill book/adtr.ipynb out.ipynb -p profile paper -y "categories: [bottle]"
+
 The profile holds what all chapters share; a chapter keeps its own method
 settings in a dataclass with one constructor per profile.
 """
@@ -28,7 +34,7 @@ from dataclasses import dataclass
 from .data.folders import MVTEC_CATEGORIES
 from .data.mini import MEDICAL, MINI_CATEGORIES, TEXTURES
 
-__all__ = ["Profile", "get", "pick_device", "PROFILES"]
+__all__ = ["Profile", "get", "pick_device", "gpu_memory_gb", "PROFILES"]
 
 
 def pick_device(preferred: str | None = None) -> str:
@@ -42,6 +48,16 @@ def pick_device(preferred: str | None = None) -> str:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def gpu_memory_gb(device: str) -> float:
+    """The memory of the CUDA GPU ``device`` in GB (a 16 GB T4 on Colab's free tier), or infinity for
+    any other device, where a chapter need not shrink its batches' parts to fit."""
+    import torch
+
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return float("inf")
+    return torch.cuda.get_device_properties(torch.device(device)).total_memory / 1e9
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,7 @@ class Profile:
     device: str = ""
     seed: int = 0
     dry_run: bool = False  # the paper code path on fake trees, a few steps per training (uadkit.dryrun)
+    only: tuple[str, ...] = ()  # a subset of the datasets / categories to run (empty: all); see pick()
 
     def __post_init__(self):
         if not self.device:
@@ -77,6 +94,23 @@ class Profile:
         n = n or MAX_ITEMS
         return dict(list(items.items())[:n]) if isinstance(items, dict) else items[:n]
 
+    def pick(self, names, *, required: bool = False):
+        """``names`` (a list, tuple or dict keyed by dataset names) restricted to the profile's subset
+        ``only``; all of them when there is none. A name is kept when it equals an entry of ``only``, or its
+        part after the first "/" does (``"bottle"`` keeps ``"mvtec/bottle"``), or its part before it does
+        (``"cifar10"`` keeps every ``"cifar10/<k>"``). ``required``: raise when nothing is left.
+
+        >>> get("paper", only=("bottle",)).pick(["mvtec/bottle", "mvtec/cable"])
+        ['mvtec/bottle']
+        """
+        kept = [n for n in names if not self.only or _matches(n, self.only)]
+        if required and not kept:
+            raise ValueError(f"categories={list(self.only)} selects none of {', '.join(map(str, names))}; "
+                             "name one of these (or its part after the '/'), or None for all")
+        if isinstance(names, dict):
+            return {n: names[n] for n in kept}
+        return type(names)(kept) if isinstance(names, tuple) else kept
+
     def seeds(self, first: int = 0, n: int = 3) -> list[int]:
         """The training seeds of a compared model: ``first``, ``first + 1``, … (``n`` of them), or
         two in a dry run (the fewest an interval over seeds takes), so every cell still runs.
@@ -87,6 +121,11 @@ class Profile:
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ValueError(f"an interval over seeds needs at least 2 seeds, got n_seeds={n!r}")
         return list(range(first, first + (2 if self.dry_run else n)))
+
+
+def _matches(name, only) -> bool:
+    name = str(name)
+    return any(o in (name, name.split("/", 1)[-1], name.split("/", 1)[0]) for o in only)
 
 
 PROFILES = {
@@ -121,17 +160,33 @@ def _dry(p: Profile) -> Profile:
     from . import dryrun
 
     dryrun.enable()
-    texture = next((t for t in p.textures if t.endswith("/grid")), p.textures[0])
-    obj = next(c for c in p.categories if c not in p.textures)
-    return dataclasses.replace(p, categories=(obj, texture), textures=(texture,),
+    # the subset's first object and texture where it names categories; else one object, the grey texture
+    chosen = [c for c in p.categories if _matches(c, p.only)] if p.only else []
+    if chosen:
+        texture = next((t for t in chosen if t in p.textures), None)
+        obj = next((c for c in chosen if c not in p.textures), None)
+    else:
+        texture = next((t for t in p.textures if t.endswith("/grid")), p.textures[0])
+        obj = next(c for c in p.categories if c not in p.textures)
+    keep = tuple(c for c in (obj, texture) if c)
+    return dataclasses.replace(p, categories=keep, textures=keep[-1:] if texture else (),
                                one_vs_all=p.one_vs_all[:dryrun.MAX_ITEMS], num_workers=0)
 
 
-def get(profile: str = "smoke", *, dry_run: bool = False, **overrides) -> Profile:
+def _only(p: Profile, only) -> Profile:
+    """``p`` with the subset ``only`` (None or empty: all), which the chapters apply with :meth:`Profile.pick`."""
+    if only is None or (not isinstance(only, str) and len(only) == 0):
+        return p
+    return dataclasses.replace(p, only=(only,) if isinstance(only, str) else tuple(str(o) for o in only))
+
+
+def get(profile: str = "smoke", *, dry_run: bool = False, only=None, **overrides) -> Profile:
     """The settings of ``profile`` ("smoke" or "paper"), with any field overridden.
 
     ``dry_run=True`` switches :mod:`uadkit.dryrun` on (fake trees, a few steps per training,
-    bf16 autocast on the CPU too) and keeps two categories per table.
+    bf16 autocast on the CPU too) and keeps two categories per table. ``only`` (a chapter's
+    ``categories`` parameter) names a subset of the datasets, which the chapter's tables keep
+    through :meth:`Profile.pick`.
 
     >>> get("smoke").image_size
     64
@@ -141,7 +196,7 @@ def get(profile: str = "smoke", *, dry_run: bool = False, **overrides) -> Profil
     if not isinstance(dry_run, bool):
         raise TypeError(f"dry_run must be True or False, got {dry_run!r}")
     if isinstance(profile, Profile):
-        p = dataclasses.replace(profile, **overrides) if overrides else profile
+        p = _only(dataclasses.replace(profile, **overrides) if overrides else profile, only)
         return _dry(dataclasses.replace(p, dry_run=True)) if dry_run and not p.dry_run else p
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
@@ -151,4 +206,5 @@ def get(profile: str = "smoke", *, dry_run: bool = False, **overrides) -> Profil
         if unknown:
             raise TypeError(f"unknown profile settings {sorted(unknown)}")
         p = dataclasses.replace(p, **overrides)
+    p = _only(p, only)
     return _dry(dataclasses.replace(p, dry_run=True)) if dry_run else p

@@ -27,7 +27,7 @@ from tqdm import tqdm  # text bars: readable in terminals, notebooks, Colab and 
 from .profiles import pick_device
 
 __all__ = ["seed_everything", "pin_cpu", "CPU_PINS", "pick_device", "make_generator", "to_device", "split_batch", "fit", "predict",
-           "load_checkpoint", "use_amp", "autocast"]
+           "load_checkpoint", "use_amp", "amp_dtype", "autocast"]
 
 
 def use_amp(device: str, amp: bool | None = None) -> bool:
@@ -43,10 +43,21 @@ def use_amp(device: str, amp: bool | None = None) -> bool:
     return dryrun.active() and str(device).startswith("cpu") and dryrun.cpu_amp()
 
 
+def amp_dtype(device: str) -> torch.dtype:
+    """The autocast type on ``device``: bf16, except on a CUDA GPU without native bf16 (before Ampere, such
+    as Colab's T4), where it is float16 and :func:`fit` scales the loss against underflow."""
+    d = torch.device(device)
+    if d.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(d)[0] < 8:
+        return torch.float16
+    return torch.bfloat16
+
+
 def autocast(device: str, enabled: bool):
-    """bf16 autocast on ``device``'s type ("cuda", "cpu", ...); a no-op when not ``enabled``."""
+    """Autocast (:func:`amp_dtype`: bf16, or float16 on a GPU without bf16) on ``device``'s type ("cuda",
+    "cpu", ...); a no-op when not ``enabled``."""
     kind = torch.device(device).type
-    return torch.autocast(device_type=kind, dtype=torch.bfloat16, enabled=enabled and kind in ("cuda", "cpu"))
+    on = enabled and kind in ("cuda", "cpu")
+    return torch.autocast(device_type=kind, dtype=amp_dtype(device) if on else torch.bfloat16, enabled=on)
 
 
 # The CPU math libraries' own switches, each read lazily at its first use (so setting them after
@@ -252,7 +263,8 @@ def fit(model: torch.nn.Module, loss_fn: Callable, loader, *, epochs: int, optim
 
     ``loss_fn(model, batch)`` returns a scalar; batches are moved to ``device`` first.
     AMP (bfloat16 autocast) is used on CUDA unless ``amp=False``; ``amp=True`` turns it on for
-    the CPU as well (see :func:`use_amp`). With ``checkpoint``, the state is saved after every
+    the CPU as well (see :func:`use_amp`). On a GPU without bf16 (a T4) it is float16, with the loss
+    scaled (``torch.amp.GradScaler``) so that small gradients do not underflow. With ``checkpoint``, the state is saved after every
     epoch and, if ``resume``, a saved state is resumed. In a dry run (:mod:`uadkit.dryrun`)
     training stops after 1 epoch of at most ``dryrun.MAX_STEPS`` steps.
 
@@ -265,6 +277,8 @@ def fit(model: torch.nn.Module, loss_fn: Callable, loader, *, epochs: int, optim
 
     model.to(device)
     amp_on = use_amp(device, amp)
+    # float16 (a GPU without bf16) needs its loss scaled; for bf16 and float32 the scaler passes through
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_on and amp_dtype(device) == torch.float16)
     max_steps = dryrun.steps(10**12) if dryrun.active() else None
     epochs = dryrun.epochs(epochs)
     history: list[float] = []
@@ -298,9 +312,10 @@ def fit(model: torch.nn.Module, loss_fn: Callable, loader, *, epochs: int, optim
                     loss = loss_fn(model, part)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{desc}: loss became {loss.item()} in epoch {epoch + 1}")
-                (loss if share == 1.0 else loss * share).backward()
+                scaler.scale(loss if share == 1.0 else loss * share).backward()
                 value += loss.item() * share
-            optimizer.step()
+            scaler.step(optimizer)  # optimizer.step(), skipped where float16 gradients overflowed
+            scaler.update()
             total, count = total + value, count + 1
         if scheduler is not None:
             scheduler.step()

@@ -86,6 +86,7 @@ class QFAEConfig:
     lr: float = 8e-5  # the peak of OneCycleLR
     pct_start: float = 0.15  # OneCycleLR warm-up share (public code)
     batch_size: int = 64
+    micro_batch: int | None = None  # images per forward/backward pass: a batch's gradients summed over its parts
     augment: bool = True  # Sec. 6.4 augmentations; the encoder then runs on every batch
 
     @classmethod
@@ -639,7 +640,7 @@ class QFAEDetector(Detector):
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=c.lr, total_steps=max(2, c.epochs),
                                                     pct_start=c.pct_start)
         self.history = train.fit(self.model, loss, data, epochs=c.epochs, optimizer=opt, scheduler=sched,
-                                 device=self.device, checkpoint=checkpoint,
+                                 device=self.device, checkpoint=checkpoint, micro_batch=c.micro_batch,
                                  desc=f"QFAE ({c.bottleneck}, {c.loss})", progress=self.progress)
 
     def _step(self, model: QFAEModel, x: torch.Tensor) -> torch.Tensor:
