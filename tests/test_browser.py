@@ -112,7 +112,7 @@ def test_page_reads_well_at_1280_px(site, browser, page):
         name = Path(page).name
         SHOTS.mkdir(parents=True, exist_ok=True)
         tab.screenshot(path=str(SHOTS / f"{name}-top.png"))
-        for what, selector in (("table", "article table"), ("figure", "article img")):
+        for what, selector in (("table", "article table"), ("figure", "article figure img")):
             first = tab.locator(selector).first
             if first.count():
                 first.scroll_into_view_if_needed()
