@@ -223,3 +223,11 @@ def test_a_dry_run_keeps_the_categories_named(monkeypatch):
 
 def test_gpu_memory_is_unbounded_off_cuda():
     assert profiles.gpu_memory_gb("cpu") == float("inf")
+
+
+def test_small_gpu_is_the_paper_profile_under_20_gb(monkeypatch):
+    assert not profiles.get("paper").small_gpu  # no CUDA here: nothing to shrink
+    monkeypatch.setattr(profiles, "gpu_memory_gb", lambda device: 15.8)  # a T4
+    assert profiles.get("paper").small_gpu and not profiles.get("smoke").small_gpu
+    monkeypatch.setattr(profiles, "gpu_memory_gb", lambda device: 80.0)  # an A100
+    assert not profiles.get("paper").small_gpu

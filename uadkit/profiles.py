@@ -85,6 +85,12 @@ class Profile:
     def is_smoke(self) -> bool:
         return self.name == "smoke"
 
+    @property
+    def small_gpu(self) -> bool:
+        """True for the ``paper`` profile on a CUDA GPU under 20 GB (Colab's 16 GB T4), where a chapter
+        trains its largest batches in parts (or smaller) so that one step fits; False on any other device."""
+        return not self.is_smoke and gpu_memory_gb(self.device) < 20
+
     def head(self, items, n: int | None = None):
         """``items`` as they are, or their first few in a dry run (a table's categories, a sweep's values)."""
         from .dryrun import MAX_ITEMS
