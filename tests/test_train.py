@@ -142,3 +142,26 @@ def test_autocast_is_float16_only_on_a_gpu_without_bf16(monkeypatch):
     assert train.amp_dtype("cuda") == torch.float16 and train.amp_dtype("cpu") == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))  # an A100
     assert train.amp_dtype("cuda:0") == torch.bfloat16
+
+
+def test_the_loss_is_scaled_only_under_float16_autocast(monkeypatch):
+    made = []
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: made.append(enabled) or enabled)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))  # a T4: float16
+    assert train.grad_scaler("cuda", True) and not train.grad_scaler("cuda", False)
+    assert not train.grad_scaler("cpu", True)  # CPU autocast is bf16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))  # an H100: bf16
+    assert not train.grad_scaler("cuda", True) and made == [True, False, False, False]
+
+
+def test_a_disabled_scaler_passes_the_step_through():
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.5)
+    scaler = train.grad_scaler("cpu", True)
+    loss = (w ** 2).sum()
+    assert scaler.scale(loss) is loss
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.allclose(w.detach(), torch.zeros(2))  # w - 0.5 * 2w

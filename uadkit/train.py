@@ -27,7 +27,7 @@ from tqdm import tqdm  # text bars: readable in terminals, notebooks, Colab and 
 from .profiles import pick_device
 
 __all__ = ["seed_everything", "pin_cpu", "CPU_PINS", "pick_device", "make_generator", "to_device", "split_batch", "fit", "predict",
-           "load_checkpoint", "use_amp", "amp_dtype", "autocast"]
+           "load_checkpoint", "use_amp", "amp_dtype", "autocast", "grad_scaler"]
 
 
 def use_amp(device: str, amp: bool | None = None) -> bool:
@@ -58,6 +58,14 @@ def autocast(device: str, enabled: bool):
     kind = torch.device(device).type
     on = enabled and kind in ("cuda", "cpu")
     return torch.autocast(device_type=kind, dtype=amp_dtype(device) if on else torch.bfloat16, enabled=on)
+
+
+def grad_scaler(device: str, enabled: bool) -> torch.amp.GradScaler:
+    """The loss scaler for a training step under ``autocast(device, enabled)``: it scales the loss where that
+    autocast is float16 (a GPU without bf16, such as Colab's T4), so that small gradients do not underflow,
+    and skips a step whose gradients overflowed; for bf16 and float32 it passes everything through."""
+    on = enabled and torch.device(device).type == "cuda" and amp_dtype(device) == torch.float16
+    return torch.amp.GradScaler("cuda", enabled=on)
 
 
 # The CPU math libraries' own switches, each read lazily at its first use (so setting them after
@@ -277,8 +285,7 @@ def fit(model: torch.nn.Module, loss_fn: Callable, loader, *, epochs: int, optim
 
     model.to(device)
     amp_on = use_amp(device, amp)
-    # float16 (a GPU without bf16) needs its loss scaled; for bf16 and float32 the scaler passes through
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_on and amp_dtype(device) == torch.float16)
+    scaler = grad_scaler(device, amp_on)  # float16 (a GPU without bf16) needs its loss scaled
     max_steps = dryrun.steps(10**12) if dryrun.active() else None
     epochs = dryrun.epochs(epochs)
     history: list[float] = []
