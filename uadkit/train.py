@@ -45,7 +45,7 @@ def use_amp(device: str, amp: bool | None = None) -> bool:
 
 def amp_dtype(device: str) -> torch.dtype:
     """The autocast type on ``device``: bf16, except on a CUDA GPU without native bf16 (before Ampere, such
-    as Colab's T4), where it is float16 and :func:`fit` scales the loss against underflow."""
+    as Colab's T4), where it is float16 and the loss is scaled against underflow (:func:`grad_scaler`)."""
     d = torch.device(device)
     if d.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(d)[0] < 8:
         return torch.float16
@@ -64,8 +64,7 @@ def grad_scaler(device: str, enabled: bool) -> torch.amp.GradScaler:
     """The loss scaler for a training step under ``autocast(device, enabled)``: it scales the loss where that
     autocast is float16 (a GPU without bf16, such as Colab's T4), so that small gradients do not underflow,
     and skips a step whose gradients overflowed; for bf16 and float32 it passes everything through."""
-    on = enabled and torch.device(device).type == "cuda" and amp_dtype(device) == torch.float16
-    return torch.amp.GradScaler("cuda", enabled=on)
+    return torch.amp.GradScaler("cuda", enabled=enabled and amp_dtype(device) == torch.float16)
 
 
 # The CPU math libraries' own switches, each read lazily at its first use (so setting them after
