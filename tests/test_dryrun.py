@@ -32,6 +32,18 @@ def test_fit_runs_one_epoch_of_two_steps_in_a_dry_run(dry):
     assert len(history) == 1 and len(calls) == dryrun.MAX_STEPS
 
 
+def test_a_dry_run_reads_its_checkpoint_back_then_deletes_it(dry, tmp_path, monkeypatch):
+    """Paper-size checkpoints of every training of a dry run would fill a disk (over 10 GB)."""
+    model, data = _toy()
+    ckpt, read = tmp_path / "run.pt", []
+    load = train.load_checkpoint
+    monkeypatch.setattr(train, "load_checkpoint", lambda p: read.append(load(p)) or read[-1])
+    train.fit(model, lambda m, b: m(b).pow(2).mean(), data, epochs=3, checkpoint=ckpt,
+              optimizer=torch.optim.SGD(model.parameters(), lr=0.1), progress=False)
+    assert [state["epoch"] for state in read] == [1] and not ckpt.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_fit_runs_in_full_outside_a_dry_run():
     model, data = _toy()
     calls = []

@@ -165,3 +165,38 @@ def test_a_disabled_scaler_passes_the_step_through():
     scaler.step(opt)
     scaler.update()
     assert torch.allclose(w.detach(), torch.zeros(2))  # w - 0.5 * 2w
+
+
+def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """A disk without room: the error gives the size and the room left, no partial file stays, and the
+    checkpoint of the last finished epoch is still there to resume from."""
+    import errno
+    from collections import namedtuple
+
+    model, opt, loader = _setup()
+    ckpt = tmp_path / "run.pt"
+    train.fit(model, loss_fn, loader, epochs=1, optimizer=opt, checkpoint=ckpt, progress=False)
+    before = ckpt.read_bytes()
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 2**20, 2**20))
+    with pytest.raises(OSError) as e:  # told before writing
+        train.fit(model, loss_fn, loader, epochs=2, optimizer=opt, checkpoint=ckpt, progress=False)
+    assert e.value.errno == errno.ENOSPC and str(ckpt) in str(e.value) and "1 MB free" in str(e.value)
+    monkeypatch.undo()
+
+    real_save = torch.save
+
+    def fills_up(obj, f, *args, **kwargs):  # the disk fills up halfway through the file
+        if isinstance(f, (str, os.PathLike)):
+            with open(f, "wb") as out:
+                out.write(b"PK\x03\x04 half a file")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 896 vs 790")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(train.torch, "save", fills_up)
+    with pytest.raises(OSError, match="unexpected pos") as e:
+        train.fit(model, loss_fn, loader, epochs=2, optimizer=opt, checkpoint=ckpt, progress=False)
+    assert e.value.errno == errno.ENOSPC and "Free some disk space" in str(e.value)
+    assert ckpt.read_bytes() == before and not ckpt.with_suffix(".pt.tmp").exists()
+    assert train.load_checkpoint(ckpt)["epoch"] == 1

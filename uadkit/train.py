@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import hashlib
 import io
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -202,15 +204,38 @@ def _generator_of(loader):
 
 def save_checkpoint(path: Path, **state) -> None:
     """Write atomically (a crash mid-write never leaves a broken checkpoint behind), with the sha256 of
-    its contents, so that a file changed on disk afterwards (a flipped byte) is refused on loading."""
+    its contents, so that a file changed on disk afterwards (a flipped byte) is refused on loading.
+    A disk without room for it is an ``OSError`` (``ENOSPC``) that gives the checkpoint's size and the
+    room left, raised before writing where that can be told; the previous checkpoint stays as it was."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(state, buf)
     payload = buf.getvalue()
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"uadkit_checkpoint": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
-                "sha256": hashlib.sha256(payload).hexdigest()}, tmp)
+    free = shutil.disk_usage(path.parent).free
+    if free < len(payload) + CHECKPOINT_SLACK:  # say so now, not halfway through the file
+        raise _no_room(path, len(payload), free)
+    try:
+        torch.save({"uadkit_checkpoint": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
+                    "sha256": hashlib.sha256(payload).hexdigest()}, tmp)
+    except (OSError, RuntimeError) as e:  # a disk that fills up mid-write: torch says "unexpected pos"
+        tmp.unlink(missing_ok=True)
+        raise _no_room(path, len(payload), shutil.disk_usage(path.parent).free, e) from e
     os.replace(tmp, path)
+
+
+# room kept free beyond a checkpoint's own size (the zip container around it, and the disk's other users)
+CHECKPOINT_SLACK = 64 * 2**20
+
+
+def _no_room(path: Path, size: int, free: int, error: Exception | None = None) -> OSError:
+    why = f"writing it failed ({type(error).__name__}: {error})" if error else "there is not enough room"
+    return OSError(errno.ENOSPC,
+                   f"cannot write checkpoint {path} ({size / 2**20:,.0f} MB; {free / 2**20:,.0f} MB free on that "
+                   f"disk): {why}. Free some disk space, or keep checkpoints on a larger disk (the chapters keep "
+                   "theirs under $UADKIT_RESULTS); the training can then be run again and resumes from its last "
+                   "checkpoint.")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -273,7 +298,8 @@ def fit(model: torch.nn.Module, loss_fn: Callable, loader, *, epochs: int, optim
     the CPU as well (see :func:`use_amp`). On a GPU without bf16 (a T4) it is float16, with the loss
     scaled (``torch.amp.GradScaler``) so that small gradients do not underflow. With ``checkpoint``, the state is saved after every
     epoch and, if ``resume``, a saved state is resumed. In a dry run (:mod:`uadkit.dryrun`)
-    training stops after 1 epoch of at most ``dryrun.MAX_STEPS`` steps.
+    training stops after 1 epoch of at most ``dryrun.MAX_STEPS`` steps, and its checkpoint is read back and
+    deleted at the end.
 
     ``micro_batch``: gradient accumulation. Every batch is cut into parts of at most that many items
     (:func:`split_batch`); each part's loss, weighted by its share of the batch, is back-propagated
@@ -335,6 +361,11 @@ def fit(model: torch.nn.Module, loss_fn: Callable, loader, *, epochs: int, optim
                 extra["fingerprint"] = settings
             save_checkpoint(path, model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
                             history=history, rng=_rng_state(), **extra)
+    if path is not None and dryrun.active() and path.is_file():
+        # a dry run reads its checkpoint back, then deletes it: no dry run resumes a training, and the
+        # checkpoints of all its paper-size trainings would take over 10 GB of disk
+        load_checkpoint(path)
+        path.unlink()
     model.eval()
     return history
 
