@@ -10,6 +10,7 @@ Each chapter runs with papermill, ``-p profile paper -p dry_run True``, into a t
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,9 @@ def main(notebooks: list[str]) -> int:
     env.setdefault("MPLBACKEND", "Agg")
     env.setdefault("UADKIT_THREADS", "1")
     env.setdefault("UADKIT_CPU_PINS", "0")  # no kernel caps: bf16 at full speed (uadkit.train.pin_cpu)
+    # checkpoints and executed notebooks go to the temporary folder: a full disk there fails a chapter
+    print(f"free disk under {tempfile.gettempdir()}: {shutil.disk_usage(tempfile.gettempdir()).free / 2**30:.1f} GB",
+          flush=True)
     t_all = time.perf_counter()
     with ThreadPoolExecutor(jobs) as pool:  # threads only wait: each chapter runs in its own process
         results = dict(zip((nb.name for nb in paths), pool.map(lambda nb: run_one(nb, out, env), paths)))
