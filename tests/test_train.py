@@ -195,6 +195,10 @@ def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monk
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(train.torch, "save", fills_up)
+    with pytest.raises(RuntimeError, match="cannot write checkpoint .*unexpected pos"):  # room left: not "full"
+        train.fit(model, loss_fn, loader, epochs=2, optimizer=opt, checkpoint=ckpt, progress=False)
+    frees = iter([10**9, 2**10])  # room before writing, none left when the write failed
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: usage(10**10, 0, next(frees)))
     with pytest.raises(OSError, match="unexpected pos") as e:
         train.fit(model, loss_fn, loader, epochs=2, optimizer=opt, checkpoint=ckpt, progress=False)
     assert e.value.errno == errno.ENOSPC and "Free some disk space" in str(e.value)

@@ -220,8 +220,11 @@ def save_checkpoint(path: Path, **state) -> None:
         torch.save({"uadkit_checkpoint": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
                     "sha256": hashlib.sha256(payload).hexdigest()}, tmp)
     except (OSError, RuntimeError) as e:  # a disk that fills up mid-write: torch says "unexpected pos"
+        free = shutil.disk_usage(path.parent).free  # measured with the partial file still there
         tmp.unlink(missing_ok=True)
-        raise _no_room(path, len(payload), shutil.disk_usage(path.parent).free, e) from e
+        if getattr(e, "errno", None) == errno.ENOSPC or free < CHECKPOINT_SLACK:
+            raise _no_room(path, len(payload), free, e) from e
+        raise RuntimeError(f"cannot write checkpoint {path}: {type(e).__name__}: {e}") from e
     os.replace(tmp, path)
 
 
